@@ -1,0 +1,316 @@
+"""Typed, frozen configuration loaded from ``config.yaml``.
+
+Config flows one way: YAML file -> :class:`Config` (a tree of frozen dataclasses) -> passed down.
+CLI flags override single values with ``--set section.key=value`` (repeatable) and ``--config PATH``
+chooses another file. An unknown key is an error with a "did you mean" hint; a value of the wrong
+type names the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad syntax)."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    uri: str = "synthetic"
+    fps: float = 25.0
+    loop: bool = False
+    prefetch_threads: int = 4
+    prefetch_depth: int = 16
+    strict: bool = False
+    open_timeout_s: float = 5.0
+    read_timeout_s: float = 5.0
+    reconnect_attempts: int = 5
+    reconnect_backoff_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    size: int = 512
+    frames: int = 64
+    seed: int = 0
+    fringe_period_px: float = 4.0
+    fringe_angle_deg: float = 45.0
+    num_cells: int = 8
+    cell_radius_px: tuple[float, float] = (0.06, 0.12)
+    max_phase_rad: float = 3.0
+    drift_px_per_frame: float = 1.5
+    num_particles: int = 6
+    num_dust_rings: int = 3
+    noise_std: float = 0.02
+    defocus_sigma_px: float = 0.6
+    bit_depth: int = 8
+    ignore_border_px: int = 0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    clahe: bool = True
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    background: str = "first_n_mean"
+    background_frames: int = 10
+    background_alpha: float = 0.05
+    input_size: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    weights: str = "weights/icnet_interferogram.pt"
+    backend: str = "torch"
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    onnx_path: str = ""
+    onnx_threads: int = 0
+    warmup_iters: int = 2
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    queue_size: int = 8
+    batch_size: int = 1
+    batch_timeout_ms: float = 5.0
+    join_timeout_s: float = 5.0
+    max_frames: int = 0
+
+
+@dataclass(frozen=True)
+class OverlayConfig:
+    alpha: float = 0.5
+    contours: bool = True
+    contour_thickness: int = 1
+    hud: bool = True
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    display: bool = True
+    video: str = ""
+    gif: str = ""
+    masks_dir: str = ""
+    csv: str = ""
+    stats_json: str = ""
+    video_fps: float = 25.0
+    gif_stride: int = 2
+    gif_scale: float = 0.5
+    gif_max_frames: int = 120
+    gif_fps: float = 12.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "icnet"
+    backbone: str = "resnet18"
+    width: float = 0.5
+    in_channels: int = 1
+    num_classes: int = 2
+    class_names: tuple[str, ...] = ("background", "cell")
+    input_size: int = 256
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    scheduler: str = "onecycle"
+    loss: str = "ce"
+    aux_weights: tuple[float, float, float] = (0.4, 0.4, 1.0)
+    patience: int = 5
+    num_workers: int = 0
+    seed: int = 0
+    val_fraction: float = 0.2
+    augment_flip: bool = True
+    augment_crop: bool = True
+    augment_clahe: bool = False
+    augment_background: bool = False
+    standardize: bool = True
+    amp: bool = True
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    repeats: int = 5
+    warmup: int = 2
+    frames: int = 64
+    sizes: tuple[int, ...] = (512, 1024)
+    reader_threads: tuple[int, ...] = (1, 2, 4, 8)
+    hdd_latency_ms: float = 8.0
+    hdd_bandwidth_mb_s: float = 150.0
+    sata_ssd_latency_ms: float = 0.1
+    sata_ssd_bandwidth_mb_s: float = 500.0
+    nvme_latency_ms: float = 0.02
+    nvme_bandwidth_mb_s: float = 3000.0
+
+
+@dataclass(frozen=True)
+class Config:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    overlay: OverlayConfig = field(default_factory=OverlayConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool (true/false), got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    hint = difflib.get_close_matches(key, valid, n=1)
+    suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown config key '{where}{key}'{suggestion}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(str(key), names, prefix)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` into (["section", "key"], value); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    path = [p.strip() for p in dotted.strip().split(".")]
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"override '{text}' must name a section and a key, e.g. model.backend=onnx")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': cannot parse value: {exc}") from None
+    return path, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Load ``path`` (default: the repository's config.yaml) and apply ``section.key=value`` overrides."""
+    data: dict[str, Any] = {}
+    cfg_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    if path is not None or cfg_path.exists():
+        if not cfg_path.is_file():
+            raise ConfigError(f"config file not found: {cfg_path}")
+        try:
+            loaded = yaml.safe_load(cfg_path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{cfg_path}: invalid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{cfg_path}: top level must be a mapping of sections")
+        data = loaded or {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge(data, keys, value)
+    return _build(Config, data, "")
+
+
+def replace(config: Config, **sections: dict[str, Any]) -> Config:
+    """Return a copy of ``config`` with some fields of some sections changed (type-checked).
+
+    Example: ``replace(cfg, output={"gif": "out.gif"}, pipeline={"max_frames": 10})``.
+    """
+    changed = {}
+    for name, values in sections.items():
+        if name not in {f.name for f in dataclasses.fields(Config)}:
+            raise _unknown_key(name, [f.name for f in dataclasses.fields(Config)], "")
+        section = getattr(config, name)
+        current = dataclasses.asdict(section)
+        current.update(values)
+        changed[name] = _build(type(section), current, f"{name}.")
+    return dataclasses.replace(config, **changed)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config PATH`` and repeatable ``--set section.key=value`` to a CLI parser."""
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="configuration file (default: config.yaml in the repository)")
+    parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides",
+                        help="override one config value, e.g. --set preprocess.clahe=false (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the Config from the ``--config``/``--set`` arguments added by :func:`add_config_arguments`."""
+    return load_config(args.config, args.overrides)
