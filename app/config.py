@@ -61,10 +61,11 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    clahe: bool = True
+    from_checkpoint: bool = True
+    clahe: bool = False
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
-    background: str = "first_n_mean"
+    background: str = "none"
     background_frames: int = 10
     background_alpha: float = 0.05
     input_size: int = 0
@@ -198,8 +199,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads exponent forms without a dot ("1e-4") as strings.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
         return float(value)

@@ -1,0 +1,248 @@
+"""Preprocessing: a raw frame -> the float tensor a model expects.
+
+One implementation shared by the live pipeline and by training augmentation, so a model sees the same
+input in both places. Order: channel conversion -> CLAHE -> scale to [0, 1] -> background subtraction
+-> resize -> normalisation -> HWC to CHW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    from app.config import PreprocessConfig
+
+BACKGROUND_METHODS = ("first_n_mean", "running_average", "mog2", "none")
+
+
+class PreprocessError(ValueError):
+    """A frame or a preprocessing setting cannot be handled."""
+
+
+def convert_channels(frame: np.ndarray, in_channels: int) -> np.ndarray:
+    """Gray (H×W) or BGR(A) (H×W×3/4) frame -> H×W gray for 1 channel, H×W×3 RGB for 3. Dtype kept."""
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim == 2:
+        return frame if in_channels == 1 else np.repeat(frame[:, :, None], 3, axis=2)
+    if frame.ndim != 3 or frame.shape[2] not in (3, 4):
+        raise PreprocessError(f"unsupported frame shape {frame.shape}; expected H×W or H×W×3")
+    if in_channels == 1:
+        code = cv2.COLOR_BGR2GRAY if frame.shape[2] == 3 else cv2.COLOR_BGRA2GRAY
+        return cv2.cvtColor(frame, code)
+    code = cv2.COLOR_BGR2RGB if frame.shape[2] == 3 else cv2.COLOR_BGRA2RGB
+    return cv2.cvtColor(frame, code)
+
+
+class Clahe:
+    """Contrast-limited adaptive histogram equalisation of uint8 or uint16 frames (not in place).
+
+    Colour frames (H×W×3 RGB) are equalised on the L channel of Lab so hues are preserved.
+    """
+
+    def __init__(self, clip_limit: float = 2.0, tile_grid: int = 8) -> None:
+        self._clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile_grid, tile_grid))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if image.dtype not in (np.uint8, np.uint16):
+            raise PreprocessError(f"CLAHE needs uint8 or uint16 frames, got {image.dtype}")
+        if image.ndim == 2:
+            return self._clahe.apply(image)
+        lab = cv2.cvtColor(image if image.dtype == np.uint8 else (image >> 8).astype(np.uint8), cv2.COLOR_RGB2Lab)
+        lab[:, :, 0] = self._clahe.apply(lab[:, :, 0])
+        return cv2.cvtColor(lab, cv2.COLOR_Lab2RGB)
+
+
+def to_unit_float(image: np.ndarray) -> np.ndarray:
+    """uint8 / uint16 / float image -> float32 scaled to [0, 1] by the dtype's range (floats kept)."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) * (1.0 / 255.0)
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) * (1.0 / 65535.0)
+    return image.astype(np.float32, copy=False)
+
+
+class BackgroundModel(Protocol):
+    """Maps a float32 [0, 1] frame to the frame minus its background estimate (a new array)."""
+
+    def __call__(self, image: np.ndarray) -> np.ndarray: ...
+
+
+class FirstNMeanBackground:
+    """Subtract the mean of the first ``n`` frames from every frame (the interferogram seeds' trick).
+
+    Until ``n`` frames have been seen the mean of those seen so far is used, so the first frames are
+    already background-corrected rather than delayed; after that the estimate is frozen.
+    """
+
+    def __init__(self, n: int = 10) -> None:
+        if n < 1:
+            raise PreprocessError("background_frames must be >= 1")
+        self.n = n
+        self._sum: np.ndarray | None = None
+        self._count = 0
+
+    def fit(self, frames: list[np.ndarray]) -> FirstNMeanBackground:
+        """Set the estimate from given frames at once (used by training on whole sequences)."""
+        for frame in frames[: self.n]:
+            self._accumulate(frame)
+        return self
+
+    def _accumulate(self, image: np.ndarray) -> None:
+        if self._sum is None or self._sum.shape != image.shape:
+            self._sum = np.zeros(image.shape, np.float64)
+            self._count = 0
+        self._sum += image
+        self._count += 1
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self._count < self.n or self._sum is None or self._sum.shape != image.shape:
+            self._accumulate(image)
+        return image - (self._sum / self._count).astype(np.float32)
+
+
+class RunningAverageBackground:
+    """Subtract an exponential running average of past frames (``alpha`` = update rate per frame)."""
+
+    def __init__(self, alpha: float = 0.05) -> None:
+        self.alpha = alpha
+        self._mean: np.ndarray | None = None
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self._mean is None or self._mean.shape != image.shape:
+            self._mean = image.astype(np.float32, copy=True)
+        out = image - self._mean
+        cv2.accumulateWeighted(image, self._mean, self.alpha)
+        return out
+
+
+class Mog2Background:
+    """Subtract OpenCV's MOG2 background image (a per-pixel Gaussian-mixture background model)."""
+
+    def __init__(self) -> None:
+        self._model = cv2.createBackgroundSubtractorMOG2(detectShadows=False)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        as_uint8 = np.clip(image * 255.0, 0, 255).astype(np.uint8)
+        self._model.apply(as_uint8)
+        background = self._model.getBackgroundImage()
+        if background is None:
+            return image.copy()
+        return image - to_unit_float(background).reshape(image.shape)
+
+
+class NoBackground:
+    """Identity (returns the input unchanged)."""
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+
+def make_background(method: str, frames: int = 10, alpha: float = 0.05) -> BackgroundModel:
+    """Build a background model by name: first_n_mean, running_average, mog2 or none."""
+    if method == "first_n_mean":
+        return FirstNMeanBackground(frames)
+    if method == "running_average":
+        return RunningAverageBackground(alpha)
+    if method == "mog2":
+        return Mog2Background()
+    if method == "none":
+        return NoBackground()
+    raise PreprocessError(f"unknown background method '{method}'; valid: {', '.join(BACKGROUND_METHODS)}")
+
+
+def normalize(image: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
+    """Normalise a float32 H×W(×C) image: ``standardize`` (per image) or ``mean_std`` (per channel)."""
+    mode = normalization.get("mode", "standardize")
+    if mode == "standardize":
+        mean = float(image.mean())
+        std = float(image.std())
+        return (image - mean) / max(std, 1e-6)
+    if mode == "mean_std":
+        mean = np.asarray(normalization["mean"], np.float32)
+        std = np.asarray(normalization["std"], np.float32)
+        return (image - mean) / std
+    if mode == "none":
+        return image
+    raise PreprocessError(f"unknown normalisation mode '{mode}'; valid: standardize, mean_std, none")
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Everything that decides the model input; stored in checkpoints so inference matches training."""
+
+    in_channels: int = 1
+    clahe: bool = False
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    background: str = "none"
+    background_frames: int = 10
+    background_alpha: float = 0.05
+    input_size: int = 0
+    normalization: tuple[tuple[str, Any], ...] = (("mode", "standardize"),)
+
+    @property
+    def normalization_dict(self) -> dict[str, Any]:
+        return dict(self.normalization)
+
+
+class Preprocessor:
+    """A raw frame (H×W or H×W×3 BGR, uint8/uint16) -> float32 C×H'×W' model input (a new array).
+
+    Stateful when background subtraction is on (one instance per stream, used from one thread).
+    H'×W' is the frame size, or ``input_size``×``input_size`` when that is non-zero.
+    """
+
+    def __init__(self, settings: PreprocessSettings) -> None:
+        self.settings = settings
+        self._clahe = Clahe(settings.clahe_clip_limit, settings.clahe_tile_grid) if settings.clahe else None
+        self._background = make_background(settings.background, settings.background_frames,
+                                           settings.background_alpha)
+        self._normalization = settings.normalization_dict
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        image = convert_channels(frame, self.settings.in_channels)
+        if self._clahe is not None:
+            image = self._clahe(image)
+        image = self._background(to_unit_float(image))
+        size = self.settings.input_size
+        if size and image.shape[:2] != (size, size):
+            shrinking = image.shape[0] > size or image.shape[1] > size
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+        image = normalize(image, self._normalization)
+        if image.ndim == 2:
+            return np.ascontiguousarray(image[None], dtype=np.float32)
+        return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+
+
+def settings_from(config: PreprocessConfig, in_channels: int, normalization: dict[str, Any],
+                  recorded: dict[str, Any] | None = None) -> PreprocessSettings:
+    """Combine the config with what a checkpoint recorded.
+
+    ``recorded`` is the preprocessing a model was trained with (a checkpoint's
+    ``train_config["preprocess"]``); with ``config.from_checkpoint`` it wins over the config's
+    CLAHE / background values, so ``--weights FILE`` alone reproduces the training input.
+    Channels and normalisation always come from the checkpoint; ``input_size`` from the config.
+    """
+    source: dict[str, Any] = {
+        "clahe": config.clahe, "clahe_clip_limit": config.clahe_clip_limit,
+        "clahe_tile_grid": config.clahe_tile_grid, "background": config.background,
+        "background_frames": config.background_frames, "background_alpha": config.background_alpha,
+    }
+    if config.from_checkpoint and recorded:
+        source.update({key: recorded[key] for key in source if key in recorded})
+    return PreprocessSettings(in_channels=in_channels, input_size=config.input_size,
+                              normalization=tuple(sorted(normalization.items())), **source)
+
+
+def recipe(settings: PreprocessSettings) -> dict[str, Any]:
+    """The part of ``settings`` a checkpoint records (inverse of :func:`settings_from`)."""
+    return {
+        "clahe": settings.clahe, "clahe_clip_limit": settings.clahe_clip_limit,
+        "clahe_tile_grid": settings.clahe_tile_grid, "background": settings.background,
+        "background_frames": settings.background_frames, "background_alpha": settings.background_alpha,
+    }
