@@ -57,6 +57,10 @@ class SynthConfig:
     defocus_sigma_px: float = 0.6
     bit_depth: int = 8
     ignore_border_px: int = 0
+    fringe_visibility: float = 0.85
+    illumination_sigma: float = 0.6
+    aberration_rad: float = 1.5
+    defocus_halo: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -118,30 +122,43 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "icnet"
-    backbone: str = "resnet18"
-    width: float = 0.5
-    in_channels: int = 1
+    model: str = "icnet"  # registered model name
+    backbone: str = "resnet18"  # backbone for ICNet / ResNet FCNs
+    width: float = 0.5  # ICNet channel multiplier
+    in_channels: int = 1  # 1 = grayscale, 3 = RGB
     num_classes: int = 2
     class_names: tuple[str, ...] = ("background", "cell")
-    input_size: int = 256
     epochs: int = 10
+    steps_per_epoch: int = 0  # batches per epoch; 0 = one pass over the training set
     batch_size: int = 8
     lr: float = 1e-3
-    optimizer: str = "adam"
-    scheduler: str = "onecycle"
-    loss: str = "ce"
-    aux_weights: tuple[float, float, float] = (0.4, 0.4, 1.0)
-    patience: int = 5
-    num_workers: int = 0
-    seed: int = 0
-    val_fraction: float = 0.2
-    augment_flip: bool = True
-    augment_crop: bool = True
-    augment_clahe: bool = False
-    augment_background: bool = False
-    standardize: bool = True
-    amp: bool = True
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 0.0
+    scheduler: str = "onecycle"  # onecycle | poly | none
+    poly_power: float = 0.9  # poly schedule: lr * (1 - step / total) ** power
+    loss: str = "ce"  # ce | asl | dice | ce+dice
+    class_weights: tuple[float, ...] = ()  # cross-entropy weight per class; empty = equal
+    asl_gamma_pos: float = 0.0  # asymmetric loss focusing of positives
+    asl_gamma_neg: float = 4.0  # asymmetric loss focusing of negatives
+    asl_clip: float = 0.05  # asymmetric loss probability margin
+    asl_activation: str = "softmax"  # softmax | sigmoid
+    aux_weights: tuple[float, float, float] = (0.4, 0.4, 1.0)  # ICNet 1/16, 1/8, 1/4 loss weights
+    patience: int = 5  # early stopping: epochs without val mIoU improvement; 0 = never stop early
+    num_workers: int = 0  # DataLoader worker processes
+    seed: int = 0  # model init, data order and augmentation
+    split: str = "file"  # file | sequence (subfolder or filename prefix)
+    val_fraction: float = 0.2  # fraction of files or sequences held out for validation
+    augment_crop: bool = True  # random crops of crop_size
+    crop_size: tuple[int, int] = (256, 256)  # training crop H, W in pixels (native resolution)
+    augment_flip: bool = True  # random horizontal and vertical flips
+    clahe: bool = False  # CLAHE (preprocess.clahe_clip_limit / clahe_tile_grid), recorded in the checkpoint
+    background: str = "none"  # none | first_n_mean (preprocess.background_frames), recorded in the checkpoint
+    standardize: bool = True  # per-image standardisation (zero mean, unit variance)
+    amp: bool = True  # mixed precision on GPU (ignored on CPU)
+    synthetic_seed: int = 1000  # first synthetic training sequence seed; the following ones are used too
+    synthetic_sequences: int = 8  # synthetic training sequences (seeds synthetic_seed + i)
+    synthetic_val_sequences: int = 1  # synthetic validation sequences (the seeds after the training ones)
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,20 @@ class BenchmarkConfig:
     sata_ssd_bandwidth_mb_s: float = 500.0
     nvme_latency_ms: float = 0.02
     nvme_bandwidth_mb_s: float = 3000.0
+    hdd_queue_depth: int = 1
+    sata_ssd_queue_depth: int = 32
+    nvme_queue_depth: int = 64
+    profiles: tuple[str, ...] = ("hdd", "sata_ssd", "nvme")
+    storage_size: int = 1024
+    storage_formats: tuple[str, ...] = ("png", "jpg", "tiff", "npy")
+    large_input_size: int = 3072
+    inference_frames: int = 16
+    batch_sizes: tuple[int, ...] = (1, 2, 4)
+    backends: tuple[str, ...] = ("torch", "onnx")
+    model_size: int = 512
+    gflops_size: int = 1024
+    end_to_end_size: int = 512
+    gap_inference_fps: float = 0.0
 
 
 @dataclass(frozen=True)
