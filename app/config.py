@@ -186,6 +186,8 @@ class BenchmarkConfig:
     backends: tuple[str, ...] = ("torch", "onnx")
     model_size: int = 512
     gflops_size: int = 1024
+    models: tuple[str, ...] = ()
+    model_budget_s: float = 20.0
     end_to_end_size: int = 512
     gap_inference_fps: float = 0.0
 

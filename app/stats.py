@@ -1,0 +1,118 @@
+"""Per-stage timing statistics and the end-of-run summary.
+
+A :class:`StageStats` is filled by exactly one stage thread (plus drop counts from the thread that
+feeds that stage's queue) and read once the run is over. Units: seconds in, milliseconds out.
+FPS over N frames is ``(N - 1) / (t_last - t_first)`` of the frames' completion times (0 for N < 2).
+
+API:
+    StageStats(name).record(seconds, frames=1, t_done=None); .sample_queue(depth); .frames_dropped
+    StageStats.summary() -> {"frames", "fps", "mean_ms", "p50_ms", "p95_ms", "queue_max", "queue_mean", "dropped"}
+    fps_over(t_first, t_last, frames) -> float
+    latency_summary(latencies_ms) -> {"mean_ms", "p50_ms", "p95_ms"}
+    format_table(result_dict) -> str          # the table printed on stderr at the end of a run
+    write_json(path, data)                    # atomic (temporary name + os.replace)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def fps_over(t_first: float | None, t_last: float | None, frames: int) -> float:
+    """Frames per second over ``frames`` completions between ``t_first`` and ``t_last`` (seconds)."""
+    if frames < 2 or t_first is None or t_last is None or t_last <= t_first:
+        return 0.0
+    return (frames - 1) / (t_last - t_first)
+
+
+def latency_summary(values_ms: Any) -> dict[str, float]:
+    """Mean, median and 95th percentile of a sequence of milliseconds (zeros when empty)."""
+    data = np.asarray(values_ms, dtype=np.float64)
+    if data.size == 0:
+        return {"mean_ms": 0.0, "p50_ms": 0.0, "p95_ms": 0.0}
+    return {"mean_ms": float(data.mean()), "p50_ms": float(np.percentile(data, 50)),
+            "p95_ms": float(np.percentile(data, 95))}
+
+
+class StageStats:
+    """Timings of one stage: processing time per frame, completion times, input-queue depth, drops.
+
+    ``record(seconds, frames=n)`` books one unit of work covering ``n`` frames (a batch); each frame
+    is charged ``seconds / n`` so the per-frame percentiles stay comparable across batch sizes.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.frames = 0
+        self.batches = 0
+        self.frames_dropped = 0
+        self._per_frame_s = array("d")
+        self._queue_depths = array("l")
+        self._t_first: float | None = None
+        self._t_last: float | None = None
+
+    def record(self, seconds: float, frames: int = 1, t_done: float | None = None) -> None:
+        """Book ``seconds`` of work for ``frames`` frames finished at ``t_done`` (default: now)."""
+        t_done = time.perf_counter() if t_done is None else t_done
+        if self._t_first is None:
+            self._t_first = t_done
+        self._t_last = t_done
+        self.frames += frames
+        self.batches += 1
+        self._per_frame_s.extend([seconds / frames] * frames)
+
+    def sample_queue(self, depth: int) -> None:
+        """Remember the depth of this stage's input queue (sampled before each get)."""
+        self._queue_depths.append(depth)
+
+    @property
+    def fps(self) -> float:
+        return fps_over(self._t_first, self._t_last, self.frames)
+
+    def summary(self) -> dict[str, Any]:
+        times = latency_summary(np.frombuffer(self._per_frame_s, dtype=np.float64) * 1000.0)
+        depths = np.frombuffer(self._queue_depths, dtype=np.int64) if self._queue_depths else np.zeros(0)
+        return {
+            "frames": self.frames,
+            "fps": self.fps,
+            **times,
+            "queue_max": int(depths.max()) if depths.size else 0,
+            "queue_mean": float(depths.mean()) if depths.size else 0.0,
+            "dropped": self.frames_dropped,
+            "mean_batch": self.frames / self.batches if self.batches else 0.0,
+        }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A short human-readable table of a run (``PipelineResult.to_dict()``) for the terminal."""
+    header = f"{'stage':<11}{'frames':>7}{'fps':>8}{'mean ms':>9}{'p50 ms':>8}{'p95 ms':>8}" \
+             f"{'q max':>7}{'q mean':>8}{'dropped':>9}"
+    lines = [header, "-" * len(header)]
+    for name, row in result["stats"].items():
+        lines.append(f"{name:<11}{row['frames']:>7}{row['fps']:>8.1f}{row['mean_ms']:>9.2f}"
+                     f"{row['p50_ms']:>8.2f}{row['p95_ms']:>8.2f}{row['queue_max']:>7}"
+                     f"{row['queue_mean']:>8.1f}{row['dropped']:>9}")
+    latency = result["latency"]
+    lines.append("-" * len(header))
+    lines.append(
+        f"{result['mode']}: {result['frames']} frames in {result['wall_s']:.2f} s, {result['fps']:.1f} fps "
+        f"end to end, latency p50 {latency['p50_ms']:.1f} ms / p95 {latency['p95_ms']:.1f} ms, "
+        f"dropped {result['frames_dropped']}, skipped {result['frames_skipped']}, "
+        f"reconnects {result['reconnects']} ({result['stopped']})")
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON to ``path`` via a temporary name in the same folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)

@@ -1,0 +1,129 @@
+"""The threaded pipeline against the naive one-frame-at-a-time loop, on the same frames and outputs.
+
+Both read the same PNG sequence (``benchmark.frames`` frames of ``benchmark.end_to_end_size``²)
+through the app's image-sequence source and write the same outputs (MP4, GIF, mask PNGs, CSV) with
+the configured backend and batch size. Each stage is also measured alone with the same settings,
+grouped as the pipeline's threads are (source, preprocess, inference, overlay, sinks = all writers).
+Every round runs the pipeline, the naive loop and each stage alone once, so a noisy neighbour (or a
+CPU that changes its clock) affects all of them alike; medians over the timed rounds are reported, and
+
+    efficiency = pipeline fps / fps of the slowest stage alone
+
+says how close the threads come to the ideal of running at the speed of their bottleneck.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING, Any
+
+from benchmarks.stages import (
+    overlay_runner,
+    predict_runner,
+    preprocess_runner,
+    rendered_items,
+    sinks_runner,
+    source_runner,
+)
+from benchmarks.timing import fps_from_timestamps
+from benchmarks.workload import preprocessor
+
+if TYPE_CHECKING:
+    from benchmarks.workload import Context
+
+OUTPUTS = ("mp4", "gif", "masks", "csv")
+
+
+def run_section(ctx: Context) -> dict[str, Any]:
+    """Returns ``pipeline_fps``, ``naive_fps``, ``speedup``, ``slowest_stage``, ``slowest_stage_fps``,
+    ``efficiency``, the standalone ``stages`` and the pipeline's own per-stage statistics."""
+    from app.config import replace
+    from app.inference import InferenceWorker
+    from app.overlay import OverlayRenderer
+    from app.pipeline import Pipeline, run_sequential
+    from app.sinks import open_sinks
+    from app.sources import open_source
+
+    config, bench, meta = ctx.config, ctx.config.benchmark, ctx.loaded.meta
+    size, count = bench.end_to_end_size, bench.frames
+    folder = ctx.cache.png_folder(size, count)
+    out = ctx.workdir / "end-to-end"
+
+    def outputs(mode: str) -> dict[str, Any]:
+        return {"display": False, "video": str(out / mode / "overlay.mp4"), "gif": str(out / mode / "overlay.gif"),
+                "masks_dir": str(out / mode / "masks"), "csv": str(out / mode / "frames.csv")}
+
+    run_config = replace(config, source={"uri": str(folder), "loop": False}, pipeline={"max_frames": 0},
+                         output=outputs("pipeline"))
+    backend = ctx.backend(config.model.backend)
+    worker = InferenceWorker(backend, batch_size=config.pipeline.batch_size,
+                             batch_timeout_ms=config.pipeline.batch_timeout_ms,
+                             warmup_iters=config.model.warmup_iters)
+    style = config.overlay
+    renderer = OverlayRenderer(meta.palette, alpha=style.alpha, contours=style.contours,
+                               contour_thickness=style.contour_thickness, hud=style.hud)
+
+    def run(mode: str) -> Any:
+        mode_config = replace(run_config, output=outputs(mode))
+        source = open_source(str(folder), mode_config, realtime=False)
+        try:
+            sinks = open_sinks(mode_config.output, meta.class_names)
+        except BaseException:
+            source.close()
+            raise
+        stages = (source, preprocessor(ctx.loaded, config), worker, renderer, sinks, mode_config.pipeline)
+        if mode == "pipeline":
+            return Pipeline(*stages).run()
+        return run_sequential(*stages)
+
+    frames = ctx.cache.frames(size, count)
+    tensors = [preprocessor(ctx.loaded, config)(image) for image in frames.images]
+    sizes = [image.shape[:2] for image in frames.images]
+    batch = config.pipeline.batch_size
+    batches = [(tensors[i:i + batch], sizes[i:i + batch]) for i in range(0, count - batch + 1, batch)]
+    closing_ms: list[float] = []
+    sinks_alone = replace(run_config, output=outputs("sinks-alone")).output
+    runners = {
+        "source": (source_runner(folder, run_config), 1),
+        "preprocess": (preprocess_runner(lambda: preprocessor(ctx.loaded, config), frames.images), 1),
+        "inference": (predict_runner(lambda b: worker.predict(*b), batches, backend.device), batch),
+        "overlay": (overlay_runner(renderer, frames.images, frames.labels), 1),
+        "sinks": (sinks_runner(lambda: open_sinks(sinks_alone, meta.class_names),
+                               rendered_items(frames.images, frames.labels, renderer), closing_ms), 1),
+    }
+    runs: dict[str, list[Any]] = {"pipeline": [], "naive": []}
+    alone: dict[str, list[float]] = {name: [] for name in runners}
+    rounds = bench.warmup + bench.repeats
+    for index in range(rounds):
+        timed = index >= bench.warmup
+        ctx.log(f"end to end: round {index + 1}/{rounds}{'' if timed else ' (warm-up)'}: pipeline, naive loop, "
+                "each stage alone")
+        for mode in runs:
+            result = run(mode)
+            if result.frames != count:
+                raise RuntimeError(f"{mode} run delivered {result.frames} of {count} frames ({result.stopped})")
+            if timed:
+                runs[mode].append(result)
+        for name, (runner, items_per_stamp) in runners.items():
+            rate = fps_from_timestamps(runner(), items_per_stamp)
+            if timed:
+                alone[name].append(rate)
+    pipeline_fps = statistics.median(r.fps for r in runs["pipeline"])
+    naive_fps = statistics.median(r.fps for r in runs["naive"])
+    stages = {name: {"fps": statistics.median(rates), "fps_runs": rates,
+                     "ms_per_item": 1000.0 / statistics.median(rates)} for name, rates in alone.items()}
+    stages["sinks"]["close_ms"] = statistics.median(closing_ms[bench.warmup:])
+    slowest = min(stages, key=lambda name: stages[name]["fps"])
+    last = runs["pipeline"][-1]
+    return {
+        "size": size, "frames": count, "backend": backend.name, "batch_size": batch, "outputs": list(OUTPUTS),
+        "pipeline_fps": pipeline_fps, "pipeline_fps_runs": [r.fps for r in runs["pipeline"]],
+        "naive_fps": naive_fps, "naive_fps_runs": [r.fps for r in runs["naive"]],
+        "speedup": pipeline_fps / naive_fps,
+        "slowest_stage": slowest, "slowest_stage_fps": stages[slowest]["fps"],
+        "efficiency": pipeline_fps / stages[slowest]["fps"],
+        "stages": stages,
+        "pipeline_stages": {name: {"fps": s.get("fps"), "mean_ms": s.get("mean_ms"), "p95_ms": s.get("p95_ms"),
+                                   "queue_mean": s.get("queue_mean")} for name, s in last.stats.items()},
+        "pipeline_latency_ms": last.latency,
+    }

@@ -1,0 +1,290 @@
+"""Frame-rate benchmark CLI: storage, each stage, every model per backend, and the pipeline end to end.
+
+    python -m benchmarks.fps [--quick] [--sections storage,stages,models,end_to_end]
+                             [--dirs hdd=/mnt/hdd/seq ssd=/mnt/ssd/seq] [--json FILE] [--markdown FILE]
+                             [--plot FILE.png] [--workdir DIR] [--torch-threads N] [--config PATH] [--set K=V]
+
+Settings come from the ``benchmark`` section of config.yaml (``--set benchmark.frames=32``); the model,
+backend, batch size and outputs from the usual sections. ``--quick`` applies :data:`QUICK_OVERRIDES`
+first (a run of about two minutes on two CPU cores); ``--set`` still wins over it. Warm-up runs come
+first, medians over repeats are reported, and every figure carries its unit. The expected duration is
+printed before anything is measured; the markdown table is printed at the end.
+
+JSON layout (top level): ``machine`` (CPU model and cores, GPU, torch / ONNX Runtime / OpenCV versions,
+git commit), ``weights`` (which model, and whether it is the trained checkpoint), ``config``,
+``estimated_s``, ``duration_s``, one key per section that ran — ``storage`` (+ ``storage_gap``),
+``stages``, ``models``, ``end_to_end`` (``pipeline_fps``, ``naive_fps``, ``speedup``,
+``slowest_stage``, ``slowest_stage_fps``, ``efficiency``) — and ``targets`` (name, measured, required,
+met).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from app.config import Config, ConfigError, add_config_arguments, config_from_args
+
+SECTIONS = ("storage", "stages", "models", "end_to_end")
+QUICK_OVERRIDES = (
+    "benchmark.repeats=3",
+    "benchmark.warmup=1",
+    "benchmark.frames=24",
+    "benchmark.sizes=[512]",
+    "benchmark.large_input_size=0",
+    "benchmark.inference_frames=8",
+    "benchmark.reader_threads=[1,2,4]",
+    "benchmark.storage_formats=[png,jpg,npy]",
+    "benchmark.model_size=128",
+    "benchmark.model_budget_s=2",
+    "benchmark.end_to_end_size=256",
+)
+HDD_RATIO_TARGET = 0.9
+EFFICIENCY_TARGET = 0.9
+ONNX_NOISE_TOLERANCE = 0.95  # "no slower" allowing 5 % run-to-run noise of a shared CPU
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.fps",
+        description="Measure frame rates: reading image sequences from disks and emulated HDD/SSD profiles, "
+                    "each pipeline stage alone, every model per backend, and the threaded pipeline against "
+                    "the naive loop. Prints a markdown table at the end.")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated parts to run (default: all of {','.join(SECTIONS)})")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller settings, about two minutes on two CPU cores (--set still overrides)")
+    parser.add_argument("--dirs", nargs="+", default=[], metavar="NAME=DIR",
+                        help="also read the image sequence in each DIR with a cold page cache, e.g. "
+                             "hdd=/mnt/hdd/seq ssd=/mnt/ssd/seq")
+    parser.add_argument("--json", metavar="FILE", type=Path, help="write the results as JSON")
+    parser.add_argument("--markdown", metavar="FILE", type=Path, help="write the markdown report")
+    parser.add_argument("--plot", metavar="FILE.png", type=Path, help="write a bar chart (PNG)")
+    parser.add_argument("--workdir", metavar="DIR", type=Path, default=None,
+                        help="scratch folder for frames and outputs (its disk is the 'local-disk' row; "
+                             "default: the system temporary folder)")
+    parser.add_argument("--torch-threads", metavar="N", type=int, default=0,
+                        help="torch intra-op threads (default: torch's own choice)")
+    add_config_arguments(parser)
+    return parser
+
+
+def parse_sections(text: str) -> list[str]:
+    """``"storage,models"`` -> ["storage", "models"] in the canonical order; unknown names are errors."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(SECTIONS)}")
+    return [name for name in SECTIONS if name in names]
+
+
+def parse_dirs(values: list[str]) -> dict[str, Path]:
+    """``["hdd=/mnt/hdd/seq"]`` -> {"hdd": Path("/mnt/hdd/seq")}."""
+    dirs = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--dirs takes NAME=DIR, got '{value}'")
+        dirs[name] = Path(path).expanduser()
+    return dirs
+
+
+def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path], seconds_per_gflop: float) -> float:
+    """Rough duration of a run: model passes from their GFLOPs and a calibration, the rest from frame counts."""
+    import torch
+
+    from benchmarks.storage import profiles_from_config
+    from benchmarks.workload import SHIPPED_ARCH, SHIPPED_OPTIONS
+    from models import build_model, list_models
+    from models.flops import count_gflops
+
+    bench = config.benchmark
+    runs = bench.warmup + bench.repeats
+    with torch.device("meta"):
+        shipped = build_model(SHIPPED_ARCH, **SHIPPED_OPTIONS)
+
+    def infer_s(size: int, model: Any = shipped) -> float:
+        return count_gflops(model, (1, 1, size, size)) * seconds_per_gflop
+
+    decode_s = 0.008  # a 1024² PNG on one core
+    total = 0.0
+    if "storage" in sections:
+        per_frame = decode_s * (bench.storage_size / 1024) ** 2
+        nbytes = 1.0e6 * (bench.storage_size / 1024) ** 2
+        profiles = profiles_from_config(bench)
+        for threads in bench.reader_threads:
+            device_s = sum(1.0 / p.bound_fps(nbytes, threads) for p in profiles.values())
+            total += runs * bench.frames * len(bench.storage_formats) * (device_s + 2 * per_frame / min(threads, 2))
+        total += runs * bench.frames * len(dirs) * len(bench.reader_threads) * 0.02
+    if "stages" in sections:
+        for size in bench.sizes:
+            scale = (size / 1024) ** 2
+            total += runs * bench.frames * 0.08 * scale + 1.5 * bench.frames * 0.04 * scale  # stages + rendering
+            total += runs * bench.inference_frames * len(bench.backends) * len(bench.batch_sizes) * infer_s(size)
+        if bench.large_input_size:
+            total += 8 + 1.2 * min(bench.frames, 16) * (1 + runs * 0.15)
+    if "models" in sections:
+        with torch.device("meta"):
+            for name in list(bench.models) or list_models():
+                per_call = infer_s(bench.model_size, build_model(name, num_classes=2, in_channels=1))
+                calls = bench.warmup + max(1, min(bench.repeats, int(bench.model_budget_s / max(per_call, 1e-6))))
+                total += len(bench.backends) * (calls * per_call + 1.0)
+            total += len(bench.backends) * runs * infer_s(bench.model_size)
+    if "end_to_end" in sections:
+        total += runs * bench.frames * (3.2 * infer_s(bench.end_to_end_size) + 0.01)
+    return total
+
+
+def calibrate(loaded: Any) -> float:
+    """Seconds per GFLOP of the shipped model's forward pass at 256² on the torch backend (CPU or GPU)."""
+    import torch
+
+    from benchmarks.timing import synchronize
+    from models.flops import count_gflops
+
+    x = torch.zeros(1, loaded.meta.in_channels, 256, 256)
+    with torch.inference_mode():
+        loaded.model(x)
+        synchronize()
+        start = time.perf_counter()
+        loaded.model(x)
+        synchronize()
+        elapsed = time.perf_counter() - start
+    return elapsed / count_gflops(loaded.model, tuple(x.shape))
+
+
+def _inference_fps(result: dict[str, Any], backend: str, size: int) -> float | None:
+    rows = [r for r in result.get("stages", {}).get("results", [])
+            if r["stage"] == "inference" and r.get("backend") == backend and r.get("batch") == 1 and r["size"] == size]
+    return rows[0]["fps"] if rows else None
+
+
+def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, Any]]:
+    """The issue's targets that the sections which ran can decide."""
+    targets = []
+    e2e = result.get("end_to_end")
+    if e2e:
+        targets.append({"name": "pipeline efficiency (end-to-end fps / slowest stage alone)",
+                        "measured": round(e2e["efficiency"], 3), "required": f">= {EFFICIENCY_TARGET}",
+                        "met": e2e["efficiency"] >= EFFICIENCY_TARGET})
+    storage = result.get("storage")
+    if storage:
+        rows = [r for r in storage["results"] if r["device"] == "hdd" and r["format"] == "png" and r["threads"] > 1]
+        if rows:
+            best = max(rows, key=lambda r: r["ratio"])
+            targets.append({"name": f"hdd profile, {storage['frame_size']}² PNG, parallel readers: fps / device bound "
+                                    f"(best: {best['threads']} threads, {best['fps']:.1f} of {best['bound_fps']:.1f} fps)",
+                            "measured": round(best["ratio"], 3), "required": f">= {HDD_RATIO_TARGET}",
+                            "met": best["ratio"] >= HDD_RATIO_TARGET})
+    pairs = []
+    for size in config.benchmark.sizes:
+        torch_fps, onnx_fps = _inference_fps(result, "torch", size), _inference_fps(result, "onnx", size)
+        if torch_fps and onnx_fps:
+            pairs.append((f"{size}²", onnx_fps / torch_fps))
+    if not pairs and result.get("models"):
+        shipped = {r["backend"]: r.get("fps") for r in result["models"]["results"] if "shipped" in r["model"]}
+        if shipped.get("torch") and shipped.get("onnx"):
+            pairs.append((f"{result['models']['size']}² (models table)", shipped["onnx"] / shipped["torch"]))
+    machine = result.get("machine", {})
+    if pairs and not machine.get("gpu"):
+        worst = min(pairs, key=lambda pair: pair[1])
+        targets.append({"name": "ONNX Runtime vs PyTorch on CPU, shipped model, batch 1: onnx fps / torch fps "
+                                f"(worst of {', '.join(p[0] for p in pairs)}: {worst[0]})",
+                        "measured": round(worst[1], 3), "required": f">= 1 (>= {ONNX_NOISE_TOLERANCE} for noise)",
+                        "met": worst[1] >= ONNX_NOISE_TOLERANCE})
+    return targets
+
+
+def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Path | None,
+        log: Callable[[str], None], quick: bool = False, command: str = "") -> dict[str, Any]:
+    """Run the chosen sections and return the full result dict (see the module docstring)."""
+    from benchmarks import end_to_end, model_latency, stages, storage
+    from benchmarks.machine import machine_info
+    from benchmarks.workload import Context, FrameCache, load_model
+
+    started = time.perf_counter()
+    bench = config.benchmark
+    loaded = load_model(config)
+    estimate = estimate_seconds(config, sections, dirs, calibrate(loaded))
+    log(f"benchmark: {', '.join(sections)}; expected duration about {estimate / 60:.1f} min "
+        f"({'quick' if quick else 'full'} run, estimated on this machine)")
+    log(f"benchmark: model {loaded.label}")
+    result: dict[str, Any] = {
+        "schema_version": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "quick": quick,
+        "sections": sections,
+        "repeats": bench.repeats,
+        "warmup": bench.warmup,
+        "machine": machine_info(),
+        "weights": loaded.describe(),
+        "config": {name: dataclasses.asdict(getattr(config, name))
+                   for name in ("benchmark", "model", "pipeline", "source", "preprocess")},
+        "estimated_s": estimate,
+        "notes": [] if loaded.trained else [loaded.label],
+    }
+    with tempfile.TemporaryDirectory(prefix="cellseg-bench-", dir=workdir) as scratch:
+        ctx = Context(config, loaded, FrameCache(Path(scratch)), Path(scratch), log)
+        if "storage" in sections:
+            result["storage"] = storage.run_section(bench, dirs, Path(scratch), log)
+        if "stages" in sections:
+            result["stages"] = stages.run_section(ctx)
+        if "models" in sections:
+            result["models"] = model_latency.run_section(ctx)
+        if "end_to_end" in sections:
+            result["end_to_end"] = end_to_end.run_section(ctx)
+    if "storage" in result:
+        rate = bench.gap_inference_fps or _inference_fps(result, config.model.backend, bench.storage_size)
+        result["storage_gap"] = storage.reader_gap(result["storage"], rate)
+    result["targets"] = evaluate_targets(result, config)
+    result["duration_s"] = time.perf_counter() - started
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from app.config import load_config
+    from benchmarks import report
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        sections = parse_sections(args.sections)
+        dirs = parse_dirs(args.dirs)
+        config = (load_config(args.config, [*QUICK_OVERRIDES, *args.overrides]) if args.quick
+                  else config_from_args(args))
+        if args.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
+        command = "python -m benchmarks.fps " + shlex.join(sys.argv[1:] if argv is None else argv)
+        result = run(config, sections, dirs, args.workdir, log, quick=args.quick, command=command)
+        if args.json:
+            report.write_json(args.json, result)
+        if args.markdown:
+            report.write_markdown(args.markdown, result)
+        if args.plot:
+            report.write_plot(args.plot, result)
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
+        print(f"benchmarks.fps: error: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("benchmarks.fps: interrupted", file=sys.stderr)
+        return 130
+    print(report.to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Each pipeline stage on its own: reader, preprocessing, inference per backend and batch, overlay, writers.
+
+Every stage gets the same synthetic interferograms (``benchmark.frames`` of them per size) and is
+timed as throughput over the frames it finishes, ``(N - 1) / (t_last - t_first)``, median over
+repeats. Writers are stamped as each frame's ``write`` returns, as the pipeline counts them; what
+``close()`` then costs (the GIF is encoded there) is reported separately as ``close_ms``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from benchmarks.timing import repeat_rate, stamp_each, synchronize
+from benchmarks.workload import preprocessor
+
+if TYPE_CHECKING:
+    from app.config import Config
+    from app.overlay import OverlayRenderer
+    from app.sinks import Rendered, Sink
+    from benchmarks.workload import Context
+
+
+Runner = Callable[[], list[float]]
+"""One timed run of a stage over its frames; returns each frame's completion stamp."""
+
+
+def source_runner(folder: Path, config: Config) -> Runner:
+    """The app's image-sequence source (prefetching reader threads) over ``folder``, warm page cache."""
+    from app.sources import open_source
+
+    def run() -> list[float]:
+        with open_source(str(folder), config, realtime=False) as source:
+            return [time.perf_counter() for _ in source]
+
+    return run
+
+
+def preprocess_runner(make: Callable[[], Callable[[np.ndarray], np.ndarray]],
+                      images: Sequence[np.ndarray]) -> Runner:
+    """A fresh preprocessor per run (background models are stateful) over ``images``."""
+    return lambda: stamp_each(images, make())
+
+
+def predict_runner(predict: Callable[..., Any], batches: Sequence[Any], device: Any = None) -> Runner:
+    """``predict(batch)`` for each batch in order (one stamp per batch; GPU synchronised)."""
+    return lambda: stamp_each(batches, predict, device)
+
+
+def overlay_runner(renderer: OverlayRenderer, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> Runner:
+    """Overlay drawing (fill, outlines, HUD) of each frame's label map."""
+    from app.overlay import HudInfo
+
+    hud = HudInfo(25.0, 40.0, 0)
+    pairs = list(zip(images, labels, strict=True))
+    return lambda: stamp_each(pairs, lambda pair: renderer.render(pair[0], pair[1], hud))
+
+
+def sinks_runner(make: Callable[[], Sequence[Sink]], items: Sequence[Rendered], closing_ms: list[float]) -> Runner:
+    """Fresh sinks per run, every item written to all of them; each run's ``close()`` time (ms) is
+    appended to ``closing_ms`` (not stamped: the pipeline counts a frame as done when written)."""
+    from app.sinks import close_all
+
+    def run() -> list[float]:
+        sinks = make()
+        try:
+            stamps = []
+            for item in items:
+                for sink in sinks:
+                    sink.write(item)
+                stamps.append(time.perf_counter())
+        finally:
+            start = time.perf_counter()
+            failure = close_all(sinks)
+            closing_ms.append((time.perf_counter() - start) * 1000.0)
+        if failure is not None:
+            raise failure
+        return stamps
+
+    return run
+
+
+def tensor_batches(tensors: Sequence[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """Consecutive N×C×H×W batches of ``batch_size`` tensors (a short tail is dropped)."""
+    if len(tensors) < 2 * batch_size:
+        raise ValueError(f"need at least {2 * batch_size} frames for batch size {batch_size}")
+    return [np.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors) - batch_size + 1, batch_size)]
+
+
+def measure_sinks(make: Callable[[], Sequence[Sink]], items: Sequence[Rendered], repeats: int,
+                  warmup: int) -> dict[str, Any]:
+    """Writer throughput plus ``close_ms``, the median time ``close()`` took."""
+    closing: list[float] = []
+    rate = repeat_rate(sinks_runner(make, items, closing), repeats, warmup)
+    rate["close_ms"] = float(np.median(closing[warmup:]))
+    return rate
+
+
+def rendered_items(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                   renderer: OverlayRenderer) -> list[Rendered]:
+    """Finished frames as the sink stage receives them."""
+    from app.sinks import Rendered
+    from app.sources import Frame, SourceInfo
+
+    info = SourceInfo("benchmark", "images", live=False)
+    return [Rendered(Frame(i, time.perf_counter(), image, info), label, renderer.render(image, label), 40.0)
+            for i, (image, label) in enumerate(zip(images, labels, strict=True))]
+
+
+def writer_factories(config: Config, class_names: Sequence[str], folder: Path) -> dict[str, Callable[[], list]]:
+    """One factory per writer kind (mp4, gif, masks, csv), each writing into ``folder``, from the config."""
+    from app.sinks import FrameStatsSink, GifSink, MaskFolderSink, VideoSink
+
+    out = config.output
+    return {
+        "mp4": lambda: [VideoSink(folder / "bench.mp4", out.video_fps)],
+        "gif": lambda: [GifSink(folder / "bench.gif", out.gif_fps, out.gif_stride, out.gif_scale,
+                                out.gif_max_frames)],
+        "masks": lambda: [MaskFolderSink(folder / "masks")],
+        "csv": lambda: [FrameStatsSink(folder / "bench.csv", class_names)],
+    }
+
+
+def _row(stage: str, variant: str, size: int | str, rate: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"stage": stage, "variant": variant, "size": size, "fps": rate["fps"],
+            "ms_per_frame": rate["ms_per_item"], "fps_runs": rate["fps_runs"], **extra}
+
+
+def _inference_rows(ctx: Context, tensors: list[np.ndarray], size: int) -> list[dict[str, Any]]:
+    bench = ctx.config.benchmark
+    rows = []
+    for name in bench.backends:
+        backend = ctx.backend(name)
+        for batch in bench.batch_sizes:
+            if len(tensors) < 2 * batch:
+                continue
+            ctx.log(f"stages: inference {backend.name}, batch {batch}, {size}²")
+            rate = repeat_rate(predict_runner(backend.predict, tensor_batches(tensors, batch), backend.device),
+                               bench.repeats, bench.warmup, items_per_stamp=batch)
+            rows.append(_row("inference", f"{backend.name}, batch {batch}", size, rate, backend=name,
+                             batch=batch))
+    return rows
+
+
+def run_section(ctx: Context) -> dict[str, Any]:
+    """Reader, preprocessing variants, inference (backend × batch), overlay and each writer per size.
+
+    With ``benchmark.large_input_size`` > 0, frames that large are also read and preprocessed down
+    to the largest size (the interferogram seeds' 3072 → 1024).
+    """
+    from app.overlay import OverlayRenderer
+
+    config, bench, meta = ctx.config, ctx.config.benchmark, ctx.loaded.meta
+    overlay = config.overlay
+    renderer = OverlayRenderer(meta.palette, alpha=overlay.alpha, contours=overlay.contours,
+                               contour_thickness=overlay.contour_thickness, hud=overlay.hud)
+    variants = {
+        "standardize": {},
+        "CLAHE": {"clahe": True},
+        "background first_n_mean": {"background": "first_n_mean"},
+        "background mog2": {"background": "mog2"},
+    }
+    rows: list[dict[str, Any]] = []
+    for size in bench.sizes:
+        frames = ctx.cache.frames(size, bench.frames)
+        folder = ctx.cache.png_folder(size, bench.frames)
+        threads = config.source.prefetch_threads
+        ctx.log(f"stages: reader {size}²")
+        rows.append(_row("reader", f"png, {threads} prefetch threads", size,
+                         repeat_rate(source_runner(folder, config), bench.repeats, bench.warmup)))
+        for variant, changes in variants.items():
+            ctx.log(f"stages: preprocess {variant} {size}²")
+            make = partial(preprocessor, ctx.loaded, config, **changes)
+            rate = repeat_rate(preprocess_runner(make, frames.images), bench.repeats, bench.warmup)
+            rows.append(_row("preprocess", variant, size, rate))
+        base = preprocessor(ctx.loaded, config)
+        tensors = [base(image) for image in frames.images[:bench.inference_frames]]
+        rows += _inference_rows(ctx, tensors, size)
+        ctx.log(f"stages: overlay {size}²")
+        rows.append(_row("overlay", "fill + outlines + HUD", size,
+                         repeat_rate(overlay_runner(renderer, frames.images, frames.labels), bench.repeats,
+                                     bench.warmup)))
+        items = rendered_items(frames.images, frames.labels, renderer)
+        out = ctx.workdir / f"writers-{size}"
+        for kind, make in writer_factories(config, meta.class_names, out).items():
+            ctx.log(f"stages: writer {kind} {size}²")
+            rate = measure_sinks(make, items, bench.repeats, bench.warmup)
+            rows.append(_row("writer", kind, size, rate, close_ms=rate["close_ms"]))
+        shutil.rmtree(out, ignore_errors=True)
+    if bench.large_input_size > 0 and bench.sizes:
+        rows += _large_input_rows(ctx, max(bench.sizes))
+    synchronize()
+    return {"frames": bench.frames, "inference_frames": bench.inference_frames, "results": rows}
+
+
+def _large_input_rows(ctx: Context, target: int) -> list[dict[str, Any]]:
+    """Reading and preprocessing ``large_input_size``² frames down to ``target``² (fewer frames: slow to render)."""
+    config, bench = ctx.config, ctx.config.benchmark
+    large, count = bench.large_input_size, max(2, min(bench.frames, 16))
+    ctx.log(f"stages: rendering {count} frames of {large}²")
+    frames = ctx.cache.frames(large, count)
+    folder = ctx.cache.png_folder(large, count)
+    label = f"{large}² → {target}²"
+    ctx.log(f"stages: reader {label}")
+    rows = [_row("reader", f"png {large}², {config.source.prefetch_threads} prefetch threads", label,
+                 repeat_rate(source_runner(folder, config), bench.repeats, bench.warmup))]
+    ctx.log(f"stages: preprocess {label}")
+    make = partial(preprocessor, ctx.loaded, config, input_size=target)
+    rate = repeat_rate(preprocess_runner(make, frames.images), bench.repeats, bench.warmup)
+    rows.append(_row("preprocess", "standardize + resize (INTER_AREA)", label, rate))
+    return rows

@@ -1,0 +1,110 @@
+"""Checkpoints: round trip, recorded recipe, and one clear error per kind of bad file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import (
+    CheckpointError,
+    CheckpointMeta,
+    build_model,
+    default_palette,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+OPTIONS = {"backbone": "resnet18", "width": 0.125}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = build_model("icnet", num_classes=3, in_channels=1, **OPTIONS)
+    # Non-trivial BatchNorm statistics, so the round trip also covers buffers.
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 1, 64, 64))
+    path = tmp_path_factory.mktemp("ckpt") / "icnet.pt"
+    save_checkpoint(path, model, arch="icnet", options=OPTIONS, class_names=("background", "cell", "debris"),
+                    palette=None, input_size=(64, 80), normalization={"mode": "standardize"},
+                    train_config={"epochs": 3, "weights": Path("x.pt")}, metrics={"mIoU": np.float32(0.5)})
+    return path, model.eval()
+
+
+def test_round_trip_gives_identical_outputs(saved: tuple[Path, torch.nn.Module]) -> None:
+    path, model = saved
+    loaded, meta = load_checkpoint(path)
+    assert not loaded.training
+    x = torch.randn(2, 1, 70, 90)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_meta_carries_the_recipe(saved: tuple[Path, torch.nn.Module]) -> None:
+    _, meta = load_checkpoint(saved[0], num_classes=3)
+    assert isinstance(meta, CheckpointMeta)
+    assert meta.arch == "icnet"
+    assert meta.options == {**OPTIONS, "num_classes": 3, "in_channels": 1}
+    assert (meta.num_classes, meta.in_channels) == (3, 1)
+    assert meta.class_names == ("background", "cell", "debris")
+    assert meta.palette == default_palette(3) and meta.palette[0] == (0, 0, 0)
+    assert meta.input_size == (64, 80)
+    assert meta.normalization == {"mode": "standardize"}
+    assert meta.train_config == {"epochs": 3, "weights": "x.pt"}
+    assert meta.metrics["mIoU"] == pytest.approx(0.5)
+    assert CheckpointMeta.from_dict(json.loads(json.dumps(meta.to_dict()))) == meta
+
+
+def test_no_temporary_file_is_left(saved: tuple[Path, torch.nn.Module]) -> None:
+    assert [p.name for p in saved[0].parent.iterdir()] == [saved[0].name]
+
+
+def _write_truncated(path: Path, source: Path) -> None:
+    path.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "random_bytes", "plain_state_dict", "empty"])
+def test_bad_files_raise_checkpoint_error(kind: str, tmp_path: Path, saved: tuple[Path, torch.nn.Module]) -> None:
+    path = tmp_path / f"{kind}.pt"
+    if kind == "truncated":
+        _write_truncated(path, saved[0])
+    elif kind == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "plain_state_dict":
+        torch.save(saved[1].state_dict(), path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert str(path) in message and "\n" not in message
+
+
+def test_wrong_class_count_is_named(saved: tuple[Path, torch.nn.Module]) -> None:
+    with pytest.raises(CheckpointError, match="3 classes.*expected 2"):
+        load_checkpoint(saved[0], num_classes=2)
+
+
+def test_save_rejects_a_recipe_that_does_not_match_the_model(tmp_path: Path) -> None:
+    model = build_model("icnet", num_classes=2, in_channels=1, **OPTIONS)
+    common = {"class_names": ("a", "b"), "palette": None, "input_size": 64, "normalization": {"mode": "standardize"}}
+    with pytest.raises(CheckpointError):
+        save_checkpoint(tmp_path / "a.pt", model, arch="icnet", options={**OPTIONS, "width": 0.25}, **common)
+    with pytest.raises(CheckpointError):
+        save_checkpoint(tmp_path / "b.pt", model, arch="icnet", options=OPTIONS,
+                        **{**common, "class_names": ("only one",)})
+    with pytest.raises(CheckpointError):
+        save_checkpoint(tmp_path / "c.pt", model, arch="icnet", options=OPTIONS,
+                        **{**common, "normalization": {"mode": "mean_std", "mean": [0.5, 0.5], "std": [1, 1]}})
+    assert not list(tmp_path.iterdir())
+
+
+def test_default_palette_has_distinct_colours() -> None:
+    palette = default_palette(40)
+    assert len(set(palette)) == 40
+    assert all(0 <= c <= 255 for colour in palette for c in colour)

@@ -1,0 +1,173 @@
+"""The live and replay CLIs end to end with a real tiny checkpoint: outputs, Ctrl-C, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import VTEST, count_video_frames, read_gif, write_indexed_images
+
+from app import live, replay
+
+pytestmark = pytest.mark.timeout(60)
+REPO = Path(__file__).resolve().parents[1]
+SMALL_SYNTH = ["--set", "synth.size=64", "--set", "synth.num_cells=2", "--set", "synth.num_particles=1",
+               "--set", "synth.num_dust_rings=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    from models import build_model, save_checkpoint
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    model = build_model("icnet", num_classes=2, in_channels=1, backbone="resnet18", width=0.25)
+    save_checkpoint(path, model, arch="icnet", options={"backbone": "resnet18", "width": 0.25},
+                    class_names=["background", "cell"], palette=None, input_size=64,
+                    normalization={"mode": "standardize"})
+    return path
+
+
+@pytest.fixture
+def restore_signals():
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def run_cli(module: str, *args: str, cwd: Path = REPO, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("DISPLAY", None)
+    env.pop("WAYLAND_DISPLAY", None)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(stderr: str, *fragments: str) -> None:
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_live_synthetic_writes_every_output_and_a_summary(tiny_weights, tmp_path):
+    outputs = tmp_path / "out"
+    result = run_cli("app.live", "--weights", str(tiny_weights), "--no-display", *SMALL_SYNTH,
+                     "--set", "synth.frames=10", "--set", "output.gif_stride=1",
+                     "--out", str(outputs / "x.mp4"), "--gif", str(outputs / "x.gif"),
+                     "--masks", str(outputs / "masks"), "--csv", str(outputs / "x.csv"),
+                     "--stats", str(outputs / "stats.json"))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "inference" in result.stderr and "threaded:" in result.stderr
+    stats = json.loads((outputs / "stats.json").read_text())
+    frames = stats["frames"]
+    assert frames >= 5 and frames + stats["frames_dropped"] == 10
+    assert set(stats["stats"]) == {"source", "preprocess", "inference", "overlay", "sinks"}
+    assert count_video_frames(outputs / "x.mp4") == (frames, (64, 64))
+    assert len(read_gif(outputs / "x.gif")) == frames
+    assert len(list((outputs / "masks").glob("*.png"))) == frames
+    header = (outputs / "x.csv").read_text().splitlines()[0]
+    assert header == "frame,timestamp,latency_ms,components,background,cell"
+
+
+@pytest.mark.timeout(40)
+def test_sigint_stops_live_within_two_seconds_with_playable_outputs(tiny_weights, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("DISPLAY", None)
+    command = [sys.executable, "-m", "app.live", "--weights", str(tiny_weights), "--no-display", *SMALL_SYNTH,
+               "--set", "synth.frames=100000", "--out", str(tmp_path / "x.mp4"), "--gif", str(tmp_path / "x.gif")]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        for line in process.stderr:
+            if "Ctrl-C to stop" in line or time.monotonic() > deadline:
+                break
+        time.sleep(1.0)  # let frames reach the writers
+        assert process.poll() is None, "live exited on its own"
+        process.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        process.wait(timeout=10)
+        elapsed = time.monotonic() - start
+        rest = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert elapsed < 2.0
+    assert process.returncode == 130
+    assert "Traceback" not in rest and "(interrupted)" in rest
+    frames, size = count_video_frames(tmp_path / "x.mp4")
+    assert frames > 0 and size == (64, 64)
+    assert len(read_gif(tmp_path / "x.gif")) >= 1
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_missing_camera_fails_within_five_seconds_with_one_line(tiny_weights):
+    start = time.monotonic()
+    result = run_cli("app.live", "--weights", str(tiny_weights), "--no-display", "--source", "camera9")
+    assert time.monotonic() - start < 5.0
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "camera 9")
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--source", "/no/such/video.mp4"], ["no such file or folder", "/no/such/video.mp4"]),
+    (["--source", "foo://x"], ["unknown source scheme 'foo://'"]),
+    (["--num-classes", "3"], ["2 classes", "expected 3"]),
+    (["--set", "pipeline.queue_sise=2"], ["did you mean 'queue_size'"]),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_weights, capsys, restore_signals, extra, fragments):
+    code = live.main(["--weights", str(tiny_weights), "--no-display", *extra])
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+
+
+def test_missing_weights_suggest_the_flag(tmp_path, capsys, restore_signals):
+    code = live.main(["--weights", str(tmp_path / "none.pt"), "--no-display"])
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, "weights file not found", "--weights")
+
+
+def test_replay_writes_the_default_overlay_gif_without_dropping(tiny_weights, tmp_path, monkeypatch, capsys,
+                                                              restore_signals):
+    write_indexed_images(tmp_path / "dish3", 12)
+    monkeypatch.chdir(tmp_path)
+    code = replay.main([str(tmp_path / "dish3"), "--weights", str(tiny_weights),
+                        "--csv", "dish3.jsonl", "--stats", "stats.json"])
+    assert code == 0, capsys.readouterr().err
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["frames"] == 12 and stats["frames_dropped"] == 0
+    assert len((tmp_path / "dish3.jsonl").read_text().splitlines()) == 12
+    code = replay.main([str(tmp_path / "dish3"), "--weights", str(tiny_weights), "--sequential"])
+    assert code == 0
+    gif = tmp_path / "out" / "dish3_overlay.gif"
+    assert len(read_gif(gif)) == math.ceil(12 / 2)  # default gif_stride 2
+    assert "sequential:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not VTEST.exists(), reason=f"sample video {VTEST} not present")
+def test_replay_of_a_real_video_to_mp4(tiny_weights, tmp_path, capsys, restore_signals):
+    code = replay.main([str(VTEST), "--weights", str(tiny_weights), "--max-frames", "3",
+                        "--out", str(tmp_path / "vtest.mp4")])
+    assert code == 0, capsys.readouterr().err
+    assert count_video_frames(tmp_path / "vtest.mp4") == (3, (720, 1280))
+
+
+@pytest.mark.parametrize("module", [live, replay])
+def test_help_explains_every_option(module, capsys):
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--weights", "--backend", "--num-classes", "--out", "--gif", "--masks", "--csv", "--stats",
+                 "--max-frames", "--config", "--set", "--sequential"):
+        assert flag in text
+    assert ("--no-display" in text) if module is live else ("--display" in text)
