@@ -37,8 +37,8 @@ def test_eval_output_has_input_size(tiny_model: tuple[torch.nn.Module, int], siz
     model, channels = tiny_model
     model.eval()
     with torch.no_grad():
-        logits = model(torch.randn(2, channels, *size))
-    assert logits.shape == (2, 3, *size)
+        logits = model(torch.randn(1, channels, *size))
+    assert logits.shape == (1, 3, *size)
     assert torch.isfinite(logits).all()
 
 
