@@ -36,11 +36,14 @@ log = logging.getLogger("app")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (exit 2); imported lazily so ``--help`` stays fast."""
-    from app.backends import BackendError
-    from models import CheckpointError, ModelError
-
-    return (ConfigError, SourceError, SinkError, CheckpointError, ModelError, BackendError, PreprocessError,
-            FileNotFoundError)
+    errors: tuple[type[BaseException], ...] = (ConfigError, SourceError, SinkError, PreprocessError,
+                                               FileNotFoundError)
+    try:
+        from app.backends import BackendError
+        from models import CheckpointError, ModelError
+    except ImportError:  # a broken install is reported as it is, not hidden by this lookup
+        return errors
+    return (*errors, CheckpointError, ModelError, BackendError)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -71,8 +74,11 @@ class WindowDisplay:
     def __init__(self, title: str) -> None:
         self.title = title
         self._opened = False
+        self._broken = False
 
     def show(self, image: np.ndarray) -> bool:
+        if self._broken:
+            return True
         try:
             if not self._opened:
                 cv2.namedWindow(self.title, cv2.WINDOW_NORMAL)
@@ -81,8 +87,10 @@ class WindowDisplay:
                 return False
             cv2.imshow(self.title, image)
             key = cv2.waitKey(1) & 0xFF
-        except cv2.error as exc:
-            log.warning("window disabled: %s", str(exc).strip().splitlines()[-1])
+        except cv2.error as exc:  # OpenCV built without highgui, or the window system went away
+            self._broken = True
+            text = str(exc).strip().splitlines()
+            log.warning("window off: %s", text[-1] if text else "cannot open a window")
             return True
         return key not in self.QUIT_KEYS
 
@@ -228,7 +236,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def guarded_main(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
+def guarded_main(prog: str, body: Callable[[], int]) -> int:
     """Run ``body`` and map failures to one stderr line and an exit code (no traceback unless -v)."""
     # Ctrl-C and `kill` both end the run with outputs finalised, even when started from a shell that
     # ignores SIGINT for background jobs.

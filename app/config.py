@@ -149,6 +149,7 @@ class TrainConfig:
     seed: int = 0  # model init, data order and augmentation
     split: str = "file"  # file | sequence (subfolder or filename prefix)
     val_fraction: float = 0.2  # fraction of files or sequences held out for validation
+    max_val_frames: int = 16  # validation frames per epoch (evenly spaced); 0 = all
     augment_crop: bool = True  # random crops of crop_size
     crop_size: tuple[int, int] = (256, 256)  # training crop H, W in pixels (native resolution)
     augment_flip: bool = True  # random horizontal and vertical flips
@@ -188,6 +189,7 @@ class BenchmarkConfig:
     gflops_size: int = 1024
     models: tuple[str, ...] = ()
     model_budget_s: float = 20.0
+    onnx_max_params_m: float = 0.0
     end_to_end_size: int = 512
     gap_inference_fps: float = 0.0
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from app.config import SynthConfig
 from app.preprocess import Preprocessor, PreprocessSettings
@@ -426,3 +426,16 @@ class SegmentationDataset(Dataset):
 def worker_init(worker_id: int) -> None:
     """DataLoader worker set-up: one OpenCV thread per worker (the workers are the parallelism)."""
     cv2.setNumThreads(1)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, sampler: Sampler | None = None, num_workers: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    """A DataLoader whose workers decode with OpenCV in parallel.
+
+    Workers start with ``forkserver``, not ``fork``: a process forked after OpenMP or OpenCV thread
+    pools ran in the parent (any torch or cv2 call) can deadlock on its first parallel call.
+    """
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last, worker_init_fn=worker_init if num_workers else None,
+                      multiprocessing_context="forkserver" if num_workers else None,
+                      persistent_workers=False)

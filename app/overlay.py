@@ -9,7 +9,7 @@ inner edge of each region (pixels with a lower class, usually background, within
 pixels; found by one erosion), painted in the class colour at full opacity; an optional HUD prints fps, latency and dropped frames in the top-left corner.
 
 All work is OpenCV calls on whole arrays (colour-map LUT, compare, addWeighted, masked copy, erode)
-into reused scratch buffers: about 3 ms for a 1024×1024 frame on one core.
+into reused scratch buffers: about 2-3 ms for a 1024×1024 frame on one core.
 """
 
 from __future__ import annotations

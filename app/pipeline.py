@@ -90,7 +90,8 @@ Progress = Callable[[int, "int | None", float], None]
 class PipelineResult:
     """Outcome of a run. ``fps`` is end to end: (N - 1) / (t_last - t_first) of frames leaving the sinks.
 
-    ``latency`` is capture -> written (ms: mean/p50/p95); ``stopped`` is "end of stream",
+    ``latency`` is capture -> written (ms: mean/p50/p95; frames captured during backend warm-up are
+    left out); ``stopped`` is "end of stream",
     "max_frames", "user" (display quit) or "interrupted" (Ctrl-C); ``stats`` maps stage name to
     :meth:`app.stats.StageStats.summary`.
     """
@@ -119,20 +120,26 @@ class PipelineResult:
 
 
 class _Output:
-    """End-to-end bookkeeping of frames leaving the sinks (completion times, latencies)."""
+    """End-to-end bookkeeping of frames leaving the sinks (completion times, latencies).
+
+    Frames captured before the backend finished warming up (``ready_at``) are left out of the latency
+    figures: their wait is a one-off start-up cost, not the pipeline's latency.
+    """
 
     def __init__(self) -> None:
         self.frames = 0
         self.t_first: float | None = None
         self.t_last: float | None = None
         self.latencies_ms: list[float] = []
+        self.ready_at = 0.0
 
     def done(self, frame: Frame, t_done: float) -> None:
         if self.t_first is None:
             self.t_first = t_done
         self.t_last = t_done
         self.frames += 1
-        self.latencies_ms.append((t_done - frame.timestamp) * 1000.0)
+        if frame.timestamp >= self.ready_at:
+            self.latencies_ms.append((t_done - frame.timestamp) * 1000.0)
 
     @property
     def fps(self) -> float:
@@ -295,7 +302,8 @@ class Pipeline:
                                          lambda item: isinstance(item, EndOfStream))
             if items:
                 self._current["inference"] = items[0][0].index
-                worker.warmup(items[0][1].shape)
+                if worker.warmup(items[0][1].shape):
+                    self._output.ready_at = time.perf_counter()
                 start = time.perf_counter()
                 labels = worker.predict([tensor for _, tensor in items],
                                         [frame.image.shape[:2] for frame, _ in items])
@@ -447,7 +455,8 @@ def run_sequential(source: Source, preprocessor: Callable[[np.ndarray], np.ndarr
             tensor = preprocessor(frame.image)
             stats["preprocess"].record(time.perf_counter() - start)
             stage = "inference"
-            inference.warmup(tensor.shape)
+            if inference.warmup(tensor.shape):
+                output.ready_at = time.perf_counter()
             start = time.perf_counter()
             labels = inference.predict([tensor], [frame.image.shape[:2]])[0]
             stats["inference"].record(time.perf_counter() - start)

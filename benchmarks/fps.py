@@ -42,9 +42,10 @@ QUICK_OVERRIDES = (
     "benchmark.large_input_size=0",
     "benchmark.inference_frames=8",
     "benchmark.reader_threads=[1,2,4]",
-    "benchmark.storage_formats=[png,jpg,npy]",
+    "benchmark.storage_formats=[png,npy]",
     "benchmark.model_size=128",
     "benchmark.model_budget_s=2",
+    "benchmark.onnx_max_params_m=30",
     "benchmark.end_to_end_size=256",
 )
 HDD_RATIO_TARGET = 0.9
@@ -104,7 +105,7 @@ def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path],
     from benchmarks.storage import profiles_from_config
     from benchmarks.workload import SHIPPED_ARCH, SHIPPED_OPTIONS
     from models import build_model, list_models
-    from models.flops import count_gflops
+    from models.flops import count_gflops, count_params
 
     bench = config.benchmark
     runs = bench.warmup + bench.repeats
@@ -134,9 +135,16 @@ def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path],
     if "models" in sections:
         with torch.device("meta"):
             for name in list(bench.models) or list_models():
-                per_call = infer_s(bench.model_size, build_model(name, num_classes=2, in_channels=1))
+                model = build_model(name, num_classes=2, in_channels=1)
+                per_call = infer_s(bench.model_size, model)
                 calls = bench.warmup + max(1, min(bench.repeats, int(bench.model_budget_s / max(per_call, 1e-6))))
-                total += len(bench.backends) * (calls * per_call + 1.0)
+                params_m = count_params(model) / 1e6
+                for backend in bench.backends:
+                    if backend == "onnx":
+                        if bench.onnx_max_params_m and params_m > bench.onnx_max_params_m:
+                            continue
+                        total += 0.075 * params_m  # export, write and load the graph
+                    total += calls * per_call + 0.5
             total += len(bench.backends) * runs * infer_s(bench.model_size)
     if "end_to_end" in sections:
         total += runs * bench.frames * (3.2 * infer_s(bench.end_to_end_size) + 0.01)
@@ -151,14 +159,14 @@ def calibrate(loaded: Any) -> float:
     from models.flops import count_gflops
 
     x = torch.zeros(1, loaded.meta.in_channels, 256, 256)
+    times = []
     with torch.inference_mode():
-        loaded.model(x)
-        synchronize()
-        start = time.perf_counter()
-        loaded.model(x)
-        synchronize()
-        elapsed = time.perf_counter() - start
-    return elapsed / count_gflops(loaded.model, tuple(x.shape))
+        for _ in range(6):
+            start = time.perf_counter()
+            loaded.model(x)
+            synchronize()
+            times.append(time.perf_counter() - start)
+    return min(times[3:]) / count_gflops(loaded.model, tuple(x.shape))
 
 
 def _inference_fps(result: dict[str, Any], backend: str, size: int) -> float | None:
@@ -255,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     from app.config import load_config
     from benchmarks import report
 
+    started = time.perf_counter()
+
     def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
 
     try:
         sections = parse_sections(args.sections)

@@ -38,7 +38,8 @@ def _version(module: str) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model and cores, GPU (if any), library versions, git commit (``-dirty`` when edited)."""
+    """CPU model and cores, GPU (if any), library versions, git commit (``-dirty`` when edited), and
+    the 1-minute load average when measuring started (other work on the machine skews timings)."""
     import cv2
     import torch
 
@@ -60,4 +61,5 @@ def machine_info() -> dict[str, Any]:
         "opencv": cv2.__version__,
         "numpy": _version("numpy"),
         "git_commit": commit or "unknown",
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }

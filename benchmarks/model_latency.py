@@ -4,7 +4,9 @@ Per model: parameters (millions), GFLOPs of one forward pass at ``benchmark.gflo
 (:mod:`models.flops`, counted on the meta device) and, per backend, the latency of one batch-1
 forward pass (with the argmax) at ``benchmark.model_size``²: median of up to ``benchmark.repeats``
 timed calls after ``benchmark.warmup`` untimed ones, stopping early once ``benchmark.model_budget_s``
-is spent (at least one timed call), so the largest FCNs do not take many minutes on a CPU.
+is spent (at least one timed call), so the largest FCNs do not take many minutes on a CPU. Models
+above ``benchmark.onnx_max_params_m`` million parameters skip ONNX (exporting and loading a 134 M
+parameter FCN takes about 10 s, far longer than timing it); their rows say so.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ def run_section(ctx: Context) -> dict[str, Any]:
             ctx.log(f"models: {label} on {name}, {size}²")
             row = {"model": label, "arch": arch, "options": options, "params_m": params_m, "gflops": gflops,
                    "backend": name, "size": size}
+            limit = bench.onnx_max_params_m
+            if name == "onnx" and limit and params_m > limit:
+                row.update(latency_ms=None, fps=None,
+                           note=f"skipped: {params_m:.0f} M parameters > onnx_max_params_m {limit:g}")
+                rows.append(row)
+                continue
             try:
                 backend = make_backend(name, model, 1, config, ctx.workdir, tag=f"model-{arch}")
                 times = time_calls(lambda backend=backend, x=x: backend.predict(x), bench.repeats, bench.warmup,

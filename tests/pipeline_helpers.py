@@ -83,7 +83,7 @@ def make_stages(backend: FakeBackend, batch_size: int = 1, preprocessor=None, hu
     return (preprocessor or raw_preprocessor()), worker, renderer
 
 
-def small_config(tmp_path: Path, **sections: dict) -> Config:
+def small_config(**sections: dict) -> Config:
     """Defaults with a small synthetic sequence (64 px, 12 frames) and no display."""
     base = replace(Config(), synth={"size": 64, "frames": 12, "num_cells": 2, "num_particles": 1,
                                     "num_dust_rings": 1},

@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from pipeline_helpers import VTEST, count_video_frames, read_gif, write_indexed_images
 
-from app import live, replay
+from app import cli_common, live, replay
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
@@ -84,24 +88,27 @@ def test_sigint_stops_live_within_two_seconds_with_playable_outputs(tiny_weights
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("DISPLAY", None)
     command = [sys.executable, "-m", "app.live", "--weights", str(tiny_weights), "--no-display", *SMALL_SYNTH,
-               "--set", "synth.frames=100000", "--out", str(tmp_path / "x.mp4"), "--gif", str(tmp_path / "x.gif")]
+               "--set", "synth.frames=3000", "--out", str(tmp_path / "x.mp4"), "--gif", str(tmp_path / "x.gif")]
     process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 30
-        for line in process.stderr:
-            if "Ctrl-C to stop" in line or time.monotonic() > deadline:
-                break
+        while "Ctrl-C to stop" not in lines.get(timeout=max(0.1, deadline - time.monotonic())):
+            pass
         time.sleep(1.0)  # let frames reach the writers
         assert process.poll() is None, "live exited on its own"
         process.send_signal(signal.SIGINT)
         start = time.monotonic()
         process.wait(timeout=10)
         elapsed = time.monotonic() - start
-        rest = process.stderr.read()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    reader.join(timeout=5)
+    rest = "".join(lines.queue)
     assert elapsed < 2.0
     assert process.returncode == 130
     assert "Traceback" not in rest and "(interrupted)" in rest
@@ -171,3 +178,27 @@ def test_help_explains_every_option(module, capsys):
                  "--max-frames", "--config", "--set", "--sequential"):
         assert flag in text
     assert ("--no-display" in text) if module is live else ("--display" in text)
+
+
+def test_display_is_off_without_a_display_server(monkeypatch):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("display detection by environment applies to Linux")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    available, reason = cli_common.display_available()
+    assert not available and "DISPLAY" in reason
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setattr(cli_common.cv2, "getBuildInformation", lambda: "  GUI:   NONE\n")
+    available, reason = cli_common.display_available()
+    assert not available and "without a GUI" in reason
+
+
+def test_window_without_highgui_switches_itself_off(monkeypatch, caplog):
+    def no_gui(*args):
+        raise cv2.error("The function is not implemented. Rebuild the library with GUI support")
+
+    monkeypatch.setattr(cli_common.cv2, "namedWindow", no_gui)
+    window = cli_common.WindowDisplay("test")
+    frame = np.zeros((8, 8, 3), np.uint8)
+    assert window.show(frame) and window.show(frame)
+    assert caplog.text.count("window off") == 1

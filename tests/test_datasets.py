@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from app.config import SynthConfig
 from app.datasets import (
@@ -21,9 +20,9 @@ from app.datasets import (
     boxes_to_mask,
     find_samples,
     list_images,
+    make_loader,
     read_boxes,
     split_samples,
-    worker_init,
 )
 from app.preprocess import Preprocessor, PreprocessSettings
 
@@ -194,6 +193,6 @@ def test_synthetic_frames_are_deterministic_and_cacheable():
 def test_workers_give_the_same_batches():
     dataset = SegmentationDataset(SyntheticFrames(TINY_SYNTH, seeds=[1]), PreprocessSettings(), 2,
                                   Augmentation(crop=(32, 32), flip=True), seed=7)
-    serial = [b for b in DataLoader(dataset, batch_size=2)]
-    parallel = [b for b in DataLoader(dataset, batch_size=2, num_workers=1, worker_init_fn=worker_init)]
+    serial = list(make_loader(dataset, batch_size=2))
+    parallel = list(make_loader(dataset, batch_size=2, num_workers=1))
     torch.testing.assert_close(serial, parallel)

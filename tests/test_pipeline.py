@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def folder_source(tmp_path, count: int = 16, size: int = 64):
     write_indexed_images(tmp_path / "frames", count, size=size)
-    return open_source(str(tmp_path / "frames"), small_config(tmp_path))
+    return open_source(str(tmp_path / "frames"), small_config())
 
 
 def file_sinks(tmp_path, name: str):
@@ -126,7 +126,7 @@ def test_collect_batch_waits_at_most_the_batch_timeout():
 # -- drop policy ---------------------------------------------------------------------------------------
 
 def test_slow_stage_behind_a_live_source_drops_frames_and_keeps_queues_bounded(tmp_path):
-    config = replace(small_config(tmp_path), source={"fps": 100.0},
+    config = replace(small_config(), source={"fps": 50.0},
                      synth={"size": 32, "frames": 60, "num_cells": 1, "num_particles": 0, "num_dust_rings": 0})
     source = open_source("synthetic", config)
     assert source.live
@@ -135,11 +135,14 @@ def test_slow_stage_behind_a_live_source_drops_frames_and_keeps_queues_bounded(t
     start = time.perf_counter()
     result = Pipeline(source, preprocessor, worker, renderer, [], settings).run()
     elapsed = time.perf_counter() - start
-    assert result.frames_dropped > 20
-    assert result.stats["source"]["dropped"] == result.frames_dropped
+    # The source stage never waits for the model, so the camera clock rarely has to skip frames itself;
+    # the oldest queued frames are discarded instead.
+    queue_drops = result.stats["source"]["dropped"] - result.source["frames_dropped"]
+    assert queue_drops > 15 and result.source["frames_dropped"] <= 5
+    assert result.frames_dropped == result.stats["source"]["dropped"]
     assert result.frames + result.frames_dropped == 60
     assert all(row["queue_max"] <= 3 for row in result.stats.values())
-    assert elapsed < 0.6 + 0.05 * 12  # bounded: the source never waited for the model
+    assert elapsed < 1.2 + 0.05 * 12  # the source kept its pace: 60 frames at 50 fps, plus the backlog
     assert result.latency["p95_ms"] < 1000
 
 
@@ -222,7 +225,7 @@ def test_a_failing_stage_stops_everything_names_itself_and_leaves_playable_outpu
 def test_a_failing_source_is_named_with_its_message(tmp_path):
     write_indexed_images(tmp_path / "frames", 5)
     (tmp_path / "frames" / "frame2.png").write_bytes(b"corrupt")
-    source = open_source(str(tmp_path / "frames"), replace(small_config(tmp_path), source={"strict": True}))
+    source = open_source(str(tmp_path / "frames"), replace(small_config(), source={"strict": True}))
     preprocessor, worker, renderer = make_stages(FakeBackend())
     with pytest.raises(PipelineError, match=r"^source stage failed: SourceError: .*frame2.png"):
         Pipeline(source, preprocessor, worker, renderer, [], pipeline_settings()).run()
@@ -246,7 +249,7 @@ class ScriptedDisplay:
 
 @pytest.mark.parametrize("interrupt, reason", [(True, "interrupted"), (False, "user")])
 def test_ctrl_c_or_quit_stops_quickly_with_finalised_outputs(tmp_path, interrupt, reason):
-    config = replace(small_config(tmp_path), synth={"size": 32, "frames": 10_000, "num_cells": 1,
+    config = replace(small_config(), synth={"size": 32, "frames": 10_000, "num_cells": 1,
                                                     "num_particles": 0, "num_dust_rings": 0})
     source = open_source("synthetic", config)
     preprocessor, worker, renderer = make_stages(FakeBackend(delay_s=0.01))

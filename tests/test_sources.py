@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from pipeline_helpers import VTEST, write_indexed_images
 
 from app import sources
 from app.config import Config, SourceConfig, replace
@@ -28,7 +29,6 @@ from app.sources import (
     natural_key,
     open_source,
 )
-from pipeline_helpers import VTEST, write_indexed_images
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,0 +1,285 @@
+"""Score a checkpoint: ``python -m app.evaluate --weights W.pt (--data DIR | --synthetic ...)``.
+
+With labels (a folder with masks/ or boxes.csv|json, or ``--synthetic``) it prints a per-class table
+(IoU, Dice) with the means and writes the :meth:`app.metrics.ConfusionMatrix.compute` scores as JSON
+(``--json``; NaN, a class absent from predictions and labels, becomes null) and one row per image as CSV
+(``--per-image``). Without labels (a video, or a folder of images only) it predicts, prints the
+fraction of pixels per class and the speed, and can write the predicted masks (``--masks``).
+
+Frames go through the live pipeline's preprocessing with the recipe recorded in the checkpoint, one
+preprocessor per sequence in frame order (as a live stream would see them), and through the configured
+backend (``model.backend``, ``model.device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from app.config import Config, ConfigError, add_config_arguments, config_from_args, replace
+from app.datasets import DatasetError, FolderFrames, find_samples
+from app.inference import Backend, resize_labels
+from app.metrics import METRIC_KEYS, ConfusionMatrix, MetricsError, json_safe
+from app.preprocess import PreprocessError, Preprocessor, PreprocessSettings, settings_from
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class EvaluateError(ValueError):
+    """Evaluation cannot run as asked (e.g. a mask that does not fit its frame)."""
+
+
+@dataclass(frozen=True)
+class EvalFrame:
+    """A frame to score: ``image`` as decoded (H×W or H×W×3 BGR, 8/16-bit), ``mask`` H×W uint8 or None."""
+
+    name: str
+    sequence: str
+    image: np.ndarray
+    mask: np.ndarray | None
+
+
+@dataclass
+class EvaluationResult:
+    """Scores (None without labels), predicted pixel fraction per class, per-image rows and speed."""
+
+    scores: dict[str, Any] | None
+    fractions: list[float]
+    frames: int
+    labelled_frames: int
+    seconds: float  # preprocessing + inference, summed over frames (decoding excluded)
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def folder_frames(root: Path) -> Iterator[EvalFrame]:
+    """Labelled frames of a dataset folder (images/ with masks/ or boxes), in file order."""
+    frames = FolderFrames(find_samples(root))
+    image_dir = root / "images"
+    for index, sample in enumerate(frames.samples):
+        image, mask = frames.load(index)
+        yield EvalFrame(sample.image.relative_to(image_dir).with_suffix("").as_posix(), sample.sequence, image, mask)
+
+
+def synthetic_frames(cfg: Config) -> Iterator[EvalFrame]:
+    """The sequence ``cfg.synth`` describes (seed, frames, size) with its exact ground truth."""
+    from app.synth import InterferogramSequence
+
+    for frame in InterferogramSequence(cfg.synth):
+        yield EvalFrame(f"seed{cfg.synth.seed}_{frame.index:06d}", f"seed{cfg.synth.seed}", frame.image, frame.mask)
+
+
+def unlabelled_frames(uri: str, cfg: Config) -> Iterator[EvalFrame]:
+    """Frames of a video, image folder or glob (through app.sources, unpaced), without labels."""
+    from app.sources import open_source
+
+    with open_source(uri, cfg, realtime=False) as source:
+        for frame in source:
+            yield EvalFrame(f"{frame.index:06d}", "", frame.image, None)
+
+
+def has_labels(path: Path) -> bool:
+    """Whether ``path`` is a dataset folder with masks/ or a box file (else: prediction only)."""
+    return path.is_dir() and (path / "images").is_dir() and (
+        (path / "masks").is_dir() or any((path / name).is_file() for name in ("boxes.csv", "boxes.json")))
+
+
+class Evaluator:
+    """Preprocess, predict and score frames one at a time (frames may differ in size)."""
+
+    def __init__(self, backend: Backend, settings: PreprocessSettings, num_classes: int) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.num_classes = num_classes
+
+    def run(self, frames: Iterable[EvalFrame],
+            on_prediction: Callable[[EvalFrame, np.ndarray], None] | None = None) -> EvaluationResult:
+        """Score every frame; ``on_prediction(frame, labels)`` sees each H×W uint8 prediction."""
+        total = ConfusionMatrix(self.num_classes)
+        counts = np.zeros(self.num_classes, np.int64)
+        preprocessors: dict[str, Preprocessor] = {}
+        per_image: list[dict[str, Any]] = []
+        seconds, count, labelled = 0.0, 0, 0
+        for frame in frames:
+            if frame.sequence not in preprocessors:
+                preprocessors[frame.sequence] = Preprocessor(self.settings)
+            started = time.perf_counter()
+            tensor = preprocessors[frame.sequence](frame.image)
+            if count == 0:  # the first prediction is slow (allocations, lazy init): warm up off the clock
+                paused = time.perf_counter()
+                self.backend.warmup((1, *tensor.shape))
+                started += time.perf_counter() - paused
+            labels = self.backend.predict(tensor[None])[0]
+            labels = resize_labels(labels, frame.image.shape[:2])
+            seconds += time.perf_counter() - started
+            count += 1
+            counts += np.bincount(labels.ravel(), minlength=self.num_classes)[: self.num_classes]
+            row: dict[str, Any] = {"name": frame.name}
+            if frame.mask is not None:
+                if frame.mask.shape != labels.shape:
+                    raise EvaluateError(f"{frame.name}: mask {frame.mask.shape} does not match the frame "
+                                        f"{labels.shape}")
+                image_matrix = ConfusionMatrix(self.num_classes)
+                image_matrix.update(labels, frame.mask)
+                total.merge(image_matrix)
+                labelled += 1
+                scores = image_matrix.compute()
+                row.update({key: scores[key] for key in ("miou", "mdice", "pixel_acc")})
+                row.update({f"iou_{c}": value for c, value in enumerate(scores["iou"])})
+            pixels = labels.size
+            row.update({f"fraction_{c}": float(n) / pixels
+                        for c, n in enumerate(np.bincount(labels.ravel(), minlength=self.num_classes))})
+            per_image.append(row)
+            if on_prediction is not None:
+                on_prediction(frame, labels)
+        if count == 0:
+            raise EvaluateError("no frames to evaluate")
+        return EvaluationResult(total.compute() if labelled else None, (counts / counts.sum()).tolist(), count,
+                                labelled, seconds, per_image)
+
+
+def format_scores(result: EvaluationResult, class_names: list[str] | tuple[str, ...]) -> str:
+    """A per-class table (IoU, Dice, predicted fraction) and the means, as text."""
+    width = max(12, *(len(name) for name in class_names))
+    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Dice':>7}  {'predicted':>9}"]
+
+    def number(value: float | None) -> str:
+        return "    n/a" if value is None or np.isnan(value) else f"{value:7.4f}"
+
+    for index, name in enumerate(class_names):
+        iou = result.scores["iou"][index] if result.scores else None
+        dice = result.scores["dice"][index] if result.scores else None
+        lines.append(f"{name:<{width}}  {number(iou)}  {number(dice)}  {100 * result.fractions[index]:8.2f}%")
+    if result.scores:
+        scores = result.scores
+        lines.append(f"{'mean':<{width}}  {number(scores['miou'])}  {number(scores['mdice'])}")
+        lines.append(f"pixel accuracy {scores['pixel_acc']:.4f}, mean class accuracy {scores['mean_acc']:.4f}")
+    lines.append(f"{result.frames} frames ({result.labelled_frames} labelled), {result.fps:.1f} fps "
+                 f"(preprocessing + inference)")
+    return "\n".join(lines)
+
+
+def write_per_image(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(json_safe(rows))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.evaluate",
+        description="Score a checkpoint on labelled data (per-class IoU and Dice), or predict on unlabelled "
+                    "frames (class fractions and speed).",
+        epilog="Exit status: 0 done, 1 failure during evaluation, 2 bad input.")
+    parser.add_argument("--weights", required=True, metavar="W.pt", help="checkpoint written by app.train")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="DIR|VIDEO",
+                        help="folder with images/ and masks/ (or boxes.csv|json); a video, image folder or "
+                             "glob without labels is predicted only")
+    source.add_argument("--synthetic", action="store_true", help="a synthetic interferogram sequence")
+    parser.add_argument("--seed", type=int, help="--synthetic: sequence seed (synth.seed)")
+    parser.add_argument("--frames", type=int, help="--synthetic: number of frames (synth.frames)")
+    parser.add_argument("--size", type=int, help="--synthetic: frame side in pixels (synth.size)")
+    parser.add_argument("--json", metavar="FILE", help="write the scores (compute() keys) and run details")
+    parser.add_argument("--per-image", metavar="FILE.csv", help="write one row of scores per image")
+    parser.add_argument("--masks", metavar="DIR", help="write the predicted label maps as DIR/NAME.png")
+    add_config_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (EvaluateError, DatasetError, ConfigError, PreprocessError, MetricsError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        from app.backends import BackendError
+        from app.sources import SourceError
+        from models import CheckpointError
+
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, (CheckpointError, BackendError, SourceError)):
+            print(f"{prog}: error: {text}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"{prog}: error: {type(exc).__name__}: {text}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _run(args: argparse.Namespace) -> int:
+    from app.backends import create_backend
+    from models import load_checkpoint
+
+    cfg = config_from_args(args)
+    synth = {key: value for key, value in (("seed", args.seed), ("frames", args.frames), ("size", args.size))
+             if value is not None}
+    if synth and not args.synthetic:
+        raise EvaluateError("--seed/--frames/--size describe a --synthetic sequence")
+    cfg = replace(cfg, synth=synth)
+    model, meta = load_checkpoint(args.weights)
+    settings = settings_from(cfg.preprocess, meta.in_channels, meta.normalization,
+                             meta.train_config.get("preprocess"))
+    backend = create_backend(cfg.model, model, meta, args.weights)
+    if args.synthetic:
+        frames, what = synthetic_frames(cfg), (f"synthetic sequence seed {cfg.synth.seed}, {cfg.synth.frames} "
+                                               f"frames of {cfg.synth.size}×{cfg.synth.size}")
+    elif has_labels(Path(args.data)):
+        frames, what = folder_frames(Path(args.data)), args.data
+    else:
+        data = Path(args.data)
+        uri = str(data / "images") if (data / "images").is_dir() else args.data
+        frames, what = unlabelled_frames(uri, cfg), f"{args.data} (no labels: prediction only)"
+    print(f"evaluating {args.weights} ({meta.arch}, {meta.num_classes} classes) on {what}, "
+          f"backend {getattr(backend, 'name', cfg.model.backend)}", file=sys.stderr)
+
+    masks_dir = Path(args.masks) if args.masks else None
+
+    def save_mask(frame: EvalFrame, labels: np.ndarray) -> None:
+        path = masks_dir / f"{frame.name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(path), labels):
+            raise EvaluateError(f"cannot write {path}")
+
+    result = Evaluator(backend, settings, meta.num_classes).run(frames, save_mask if masks_dir else None)
+    print(format_scores(result, meta.class_names))
+    if args.json:
+        report = dict(result.scores) if result.scores else {key: None for key in METRIC_KEYS}
+        report.update({"class_names": list(meta.class_names), "fractions": result.fractions,
+                       "frames": result.frames, "labelled_frames": result.labelled_frames, "fps": result.fps,
+                       "weights": args.weights, "data": what})
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+    if args.per_image:
+        write_per_image(Path(args.per_image), result.per_image)
+        print(f"wrote {args.per_image}", file=sys.stderr)
+    if masks_dir:
+        print(f"wrote {result.frames} masks to {masks_dir}", file=sys.stderr)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
