@@ -240,6 +240,13 @@ def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Pat
         "estimated_s": estimate,
         "notes": [] if loaded.trained else [loaded.label],
     }
+    load, cores = result["machine"]["load_average_1min"], result["machine"]["cpu_cores_usable"] or 1
+    if load is not None and load > 0.5 * cores:
+        result["notes"].append(
+            f"the machine was busy when measuring started (load average {load:.1f} on {cores} cores): "
+            "multi-threaded backends slow down out of proportion when their threads are preempted; "
+            "compare with --torch-threads 1 --set model.onnx_threads=1, or measure on an idle machine")
+        log(f"benchmark: warning: {result['notes'][-1]}")
     with tempfile.TemporaryDirectory(prefix="cellseg-bench-", dir=workdir) as scratch:
         ctx = Context(config, loaded, FrameCache(Path(scratch)), Path(scratch), log)
         if "storage" in sections:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,8 @@ def _header(result: dict[str, Any]) -> list[str]:
         f"torch {machine.get('torch')} ({machine.get('torch_threads')} threads), "
         f"ONNX Runtime {machine.get('onnxruntime')}, OpenCV {machine.get('opencv')}",
         f"- commit {machine.get('git_commit')}, measured {result.get('created')}, took "
-        f"{_num(result.get('duration_s'))} s",
+        f"{_num(result.get('duration_s'))} s (estimated {_num(result.get('estimated_s'))} s), load average at start "
+        f"{_num(machine.get('load_average_1min'), 2)} (other work on the machine slows and scatters timings)",
     ]
     weights = result.get("weights")
     if weights:
@@ -143,8 +144,11 @@ def _storage(section: dict[str, Any], gap: dict[str, Any] | None) -> list[str]:
 
 def _stages(section: dict[str, Any]) -> list[str]:
     lines = ["", "## Stages alone", "", "Each stage on its own, on the same synthetic frames.", ""]
-    rows = [(r["stage"], r["variant"], r["size"], r["fps"], r["ms_per_frame"]) for r in section["results"]]
-    lines.append(table(["stage", "variant", "frame (px)", "fps (frames/s)", "ms/frame"], rows))
+    rows = [(r["stage"], r["variant"], r["size"], r["fps"], r["ms_per_frame"], r.get("close_ms"))
+            for r in section["results"]]
+    lines.append(table(["stage", "variant", "frame (px)", "fps (frames/s)", "ms/frame", "close (ms)"], rows))
+    lines.append("\n- writers are timed per `write()`, as the pipeline counts a frame done; `close()` (where the GIF "
+                 "is encoded and files are renamed into place) is the last column")
     return lines
 
 
@@ -199,8 +203,9 @@ def chart_panels(result: dict[str, Any]) -> list[tuple[str, list[tuple[str, floa
             if not rows:
                 continue
             best = max(rows, key=lambda r: r["fps"])
-            bars.append((f"{device}, 1 thread", rows[0]["fps"]))
-            bars.append((f"{device}, {best['threads']} threads", best["fps"]))
+            bars.append((f"{device}, {rows[0]['threads']} thread(s)", rows[0]["fps"]))
+            if best is not rows[0]:
+                bars.append((f"{device}, {best['threads']} threads (best)", best["fps"]))
             if rows[0].get("bound_fps"):
                 bars.append((f"{device}, device bound", rows[0]["bound_fps"]))
         panels.append((f"Reading {storage['frame_size']}² {fmt} frames (frames/s)", bars))
@@ -221,33 +226,61 @@ _INK = (40, 40, 40)
 _BAR_COLOURS = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148)]
 
 
+def _scale(values: list[float], span: int) -> tuple[Callable[[float], int], list[float], bool]:
+    """Value -> bar length in pixels; decade ticks for a log scale (values spanning > 20×), else none."""
+    positive = [v for v in values if v > 0]
+    top = max(positive, default=1.0)
+    low = min(positive, default=1.0)
+    if top / low <= 20:
+        return (lambda v: max(1, int(span * v / top))), [], False
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(top))
+    last = max(last, first + 1)
+
+    def length(value: float) -> int:
+        if value <= 0:
+            return 1
+        return max(1, int(span * (math.log10(value) - first) / (last - first)))
+
+    return length, [10.0 ** k for k in range(first, last + 1)], True
+
+
 def write_plot(path: str | Path, result: dict[str, Any]) -> None:
-    """Horizontal bar chart, one panel per section, each on its own linear frames/s scale (PNG)."""
+    """Horizontal bar chart, one panel per section, each with its own frames/s scale (PNG).
+
+    A panel whose values span more than 20× uses a logarithmic axis with labelled decades (the title
+    says so), so a 10 000 fps writer does not flatten a 10 fps model into an invisible bar.
+    """
     panels = chart_panels(result)
     if not panels:
         raise ValueError("nothing to plot: no section produced figures")
-    width, label_w, bar_h, gap, title_h = 1280, 430, 20, 6, 44
-    height = 60 + sum(title_h + len(bars) * (bar_h + gap) + 30 for _, bars in panels)
+    width, label_w, bar_h, gap, title_h, axis_h = 1280, 430, 20, 6, 44, 22
+    height = 60 + sum(title_h + len(bars) * (bar_h + gap) + axis_h + 30 for _, bars in panels)
     canvas = np.full((height, width, 3), 255, np.uint8)
     machine = result.get("machine", {})
     cv2.putText(canvas, f"Frame-rate benchmark - {machine.get('cpu_model', '?')} "
                         f"({machine.get('cpu_cores_usable', '?')} cores), GPU: {machine.get('gpu') or 'none'}",
                 (16, 32), _FONT, 0.65, _INK, 1, cv2.LINE_AA)
     y = 60
+    span = width - label_w - 110
     for index, (title, bars) in enumerate(panels):
         colour = _BAR_COLOURS[index % len(_BAR_COLOURS)]
-        cv2.putText(canvas, title, (16, y + 26), _FONT, 0.6, _INK, 1, cv2.LINE_AA)
+        length, ticks, logarithmic = _scale([value for _, value in bars], span)
+        cv2.putText(canvas, title + (", log scale" if logarithmic else ""), (16, y + 26), _FONT, 0.6, _INK, 1,
+                    cv2.LINE_AA)
         y += title_h
-        top = max(value for _, value in bars) or 1.0
-        span = width - label_w - 110
+        bottom = y + len(bars) * (bar_h + gap) - gap
+        for tick in ticks:  # grid first, so bars and numbers stay on top
+            x = label_w + length(tick) if tick > min(ticks) else label_w
+            cv2.line(canvas, (x, y - 4), (x, bottom), (215, 215, 215), 1)
+            cv2.putText(canvas, f"{tick:g}", (x - 8, bottom + 14), _FONT, 0.4, (110, 110, 110), 1, cv2.LINE_AA)
         for label, value in bars:
             cv2.putText(canvas, label[:52], (16, y + bar_h - 5), _FONT, 0.45, _INK, 1, cv2.LINE_AA)
-            end = label_w + max(1, int(span * value / top))
+            end = label_w + length(value)
             cv2.rectangle(canvas, (label_w, y), (end, y + bar_h), colour, -1)
             cv2.putText(canvas, _num(value), (end + 6, y + bar_h - 5), _FONT, 0.45, _INK, 1, cv2.LINE_AA)
             y += bar_h + gap
-        cv2.line(canvas, (label_w, y - gap), (label_w + span, y - gap), (160, 160, 160), 1)
-        y += 30
+        cv2.line(canvas, (label_w, bottom), (label_w + span, bottom), (160, 160, 160), 1)
+        y += axis_h + 30
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), canvas):
