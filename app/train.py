@@ -66,9 +66,9 @@ class TrainError(ValueError):
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What a run trains and where it writes; with the :class:`Config` it defines the run completely."""
+    """What a run trains on and where it writes; with the :class:`Config` (whose ``train.model`` names the
+    network) it defines the run completely."""
 
-    model: str
     data: str | None  # a dataset folder, or None for synthetic interferograms
     out: str  # best checkpoint; NAME.last.pt and NAME.history.csv are written beside it
     command: str = ""  # the command line, recorded in the checkpoint
@@ -236,8 +236,8 @@ class Trainer:
             raise TrainError("epochs and batch_size must be >= 1, steps_per_epoch >= 0")
         if len(train.class_names) != train.num_classes:
             raise TrainError(f"{len(train.class_names)} class_names for num_classes={train.num_classes}")
-        if run.model not in list_models():
-            raise TrainError(f"unknown model '{run.model}'; valid models: {', '.join(list_models())}")
+        if train.model not in list_models():
+            raise TrainError(f"unknown model '{train.model}'; valid models: {', '.join(list_models())}")
         self.cfg = cfg
         self.run = run
         self.device = device or resolve_device(cfg.model.device)
@@ -247,8 +247,8 @@ class Trainer:
         self.settings = preprocess_settings(cfg)
         self.train_set, self.val_set = build_datasets(cfg, run.data)
         self.steps_per_epoch = train.steps_per_epoch or math.ceil(len(self.train_set) / train.batch_size)
-        self.options = model_options_for(cfg, run.model)
-        self.model = build_model(run.model, num_classes=train.num_classes, in_channels=train.in_channels,
+        self.options = model_options_for(cfg, train.model)
+        self.model = build_model(train.model, num_classes=train.num_classes, in_channels=train.in_channels,
                                  **self.options).to(self.device)
         base_loss = build_loss(train.loss, class_weights=train.class_weights or None,
                                asl_gamma_pos=train.asl_gamma_pos, asl_gamma_neg=train.asl_gamma_neg,
@@ -291,8 +291,8 @@ class Trainer:
     def fit(self, progress: Callable[[Progress], None] | None = None,
             summary: Callable[[EpochSummary], None] | None = None,
             stop: Callable[[], bool] | None = None) -> FitResult:
-        """Train until ``epochs`` or early stopping; ``stop()`` is polled after every step and, when
-        true, saves the last state and returns (the run can be resumed from there)."""
+        """Train until ``epochs`` or early stopping. ``stop()`` is polled before every step; when true the
+        last state is saved and fit returns (resume continues with that step)."""
         train = self.cfg.train
         while self.epoch < train.epochs:
             if train.patience and self.stale_epochs >= train.patience:
@@ -354,12 +354,13 @@ class Trainer:
         return metric.compute()
 
     def _end_epoch(self) -> EpochSummary:
+        started = time.perf_counter()
         val = self.validate()
+        seconds = self.epoch_seconds + time.perf_counter() - started  # training and validation
         train_loss = self.loss_sum / max(self.step, 1)
         # Without validation data every epoch counts as the best (the newest model is kept).
         miou = val["miou"] if val is not None else None
         improved = miou is None or (not math.isnan(miou) and (self.best_miou is None or miou > self.best_miou))
-        seconds = self.epoch_seconds
         self.epoch += 1
         self.step, self.loss_sum, self.epoch_seconds = 0, 0.0, 0.0
         if improved:
@@ -382,7 +383,7 @@ class Trainer:
     def train_record(self) -> dict[str, Any]:
         """What the checkpoint's ``train_config`` records: the train section, the preprocessing recipe
         (read back by the live pipeline), the data and the command."""
-        record: dict[str, Any] = {**dataclasses.asdict(self.cfg.train), "model": self.run.model,
+        record: dict[str, Any] = {**dataclasses.asdict(self.cfg.train),
                                   "preprocess": recipe(self.settings), "command": self.run.command,
                                   "data": self.run.data or "synthetic"}
         if self.run.data is None:
@@ -396,7 +397,7 @@ class Trainer:
         train = self.cfg.train
         metrics = {"epoch": summary.epoch, "train_loss": summary.train_loss,
                    "val": json_safe(summary.val) if summary.val is not None else None}
-        save_checkpoint(self.run.out, self.model, arch=self.run.model, options=self.options,
+        save_checkpoint(self.run.out, self.model, arch=self.cfg.train.model, options=self.options,
                         class_names=train.class_names, palette=None, input_size=tuple(train.crop_size),
                         normalization=self.settings.normalization_dict, train_config=self.train_record(),
                         metrics=metrics)
@@ -549,15 +550,15 @@ def main(argv: list[str] | None = None) -> int:
             if given:
                 raise TrainError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
             trainer = Trainer.resume(args.resume)
-            print(f"resuming {trainer.run.model} at epoch {trainer.epoch + 1}, step {trainer.step}",
+            print(f"resuming {trainer.cfg.train.model} at epoch {trainer.epoch + 1}, step {trainer.step}",
                   file=sys.stderr)
         else:
             cfg = config_from_args(args)
             cfg = replace(cfg, train=_flag_overrides(args))
             out = args.out or f"weights/{cfg.train.model}.pt"
-            trainer = Trainer(cfg, RunSpec(cfg.train.model, args.data, out, command))
+            trainer = Trainer(cfg, RunSpec(args.data, out, command))
         source = trainer.run.data or "synthetic interferograms"
-        print(f"training {trainer.run.model} on {source}: {len(trainer.train_set)} training frames, "
+        print(f"training {trainer.cfg.train.model} on {source}: {len(trainer.train_set)} training frames, "
               f"{len(trainer.val_set) if trainer.val_set is not None else 0} validation frames, "
               f"{trainer.steps_per_epoch} steps/epoch, device {trainer.device}", file=sys.stderr)
         progress = _ProgressLine()

@@ -98,19 +98,18 @@ def parse_dirs(values: list[str]) -> dict[str, Path]:
     return dirs
 
 
-def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path], seconds_per_gflop: float) -> float:
-    """Rough duration of a run: model passes from their GFLOPs and a calibration, the rest from frame counts."""
+def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path], shipped: Any,
+                     seconds_per_gflop: float) -> float:
+    """Rough duration of a run: passes of ``shipped`` and the registered models from their GFLOPs and a
+    CPU calibration, the rest from frame counts."""
     import torch
 
     from benchmarks.storage import profiles_from_config
-    from benchmarks.workload import SHIPPED_ARCH, SHIPPED_OPTIONS
     from models import build_model, list_models
     from models.flops import count_gflops, count_params
 
     bench = config.benchmark
     runs = bench.warmup + bench.repeats
-    with torch.device("meta"):
-        shipped = build_model(SHIPPED_ARCH, **SHIPPED_OPTIONS)
 
     def infer_s(size: int, model: Any = shipped) -> float:
         return count_gflops(model, (1, 1, size, size)) * seconds_per_gflop
@@ -152,7 +151,7 @@ def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path],
 
 
 def calibrate(loaded: Any) -> float:
-    """Seconds per GFLOP of the shipped model's forward pass at 256² on the torch backend (CPU or GPU)."""
+    """Seconds per GFLOP of the shipped model's forward pass at 256² (on the CPU, as loaded)."""
     import torch
 
     from benchmarks.timing import synchronize
@@ -198,7 +197,7 @@ def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, A
         if torch_fps and onnx_fps:
             pairs.append((f"{size}²", onnx_fps / torch_fps))
     if not pairs and result.get("models"):
-        shipped = {r["backend"]: r.get("fps") for r in result["models"]["results"] if "shipped" in r["model"]}
+        shipped = {r["backend"]: r.get("fps") for r in result["models"]["results"] if r["shipped"]}
         if shipped.get("torch") and shipped.get("onnx"):
             pairs.append((f"{result['models']['size']}² (models table)", shipped["onnx"] / shipped["torch"]))
     machine = result.get("machine", {})
@@ -221,7 +220,7 @@ def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Pat
     started = time.perf_counter()
     bench = config.benchmark
     loaded = load_model(config)
-    estimate = estimate_seconds(config, sections, dirs, calibrate(loaded))
+    estimate = estimate_seconds(config, sections, dirs, loaded.model, calibrate(loaded))
     log(f"benchmark: {', '.join(sections)}; expected duration about {estimate / 60:.1f} min "
         f"({'quick' if quick else 'full'} run, estimated on this machine)")
     log(f"benchmark: model {loaded.label}")
@@ -258,8 +257,13 @@ def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Pat
         if "end_to_end" in sections:
             result["end_to_end"] = end_to_end.run_section(ctx)
     if "storage" in result:
-        rate = bench.gap_inference_fps or _inference_fps(result, config.model.backend, bench.storage_size)
-        result["storage_gap"] = storage.reader_gap(result["storage"], rate)
+        rates = {}
+        measured = _inference_fps(result, config.model.backend, bench.storage_size)
+        if measured:
+            rates[f"{config.model.backend} here"] = measured
+        if bench.gap_reference_fps > 0:
+            rates["reference"] = bench.gap_reference_fps
+        result["storage_gap"] = storage.reader_gap(result["storage"], rates)
     result["targets"] = evaluate_targets(result, config)
     result["duration_s"] = time.perf_counter() - started
     return result

@@ -1,4 +1,4 @@
-"""Size, cost and latency of every registered model (default options) and of the shipped recipe.
+"""Size, cost and latency of every registered model (default options) and of the shipped model's recipe.
 
 Per model: parameters (millions), GFLOPs of one forward pass at ``benchmark.gflops_size``²
 (:mod:`models.flops`, counted on the meta device) and, per backend, the latency of one batch-1
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks.timing import synchronize
-from benchmarks.workload import SHIPPED_ARCH, SHIPPED_OPTIONS, make_backend
+from benchmarks.workload import make_backend
 
 if TYPE_CHECKING:
     from benchmarks.workload import Context
@@ -41,27 +41,31 @@ def time_calls(call: Any, repeats: int, warmup: int, budget_s: float, device: An
 
 
 def run_section(ctx: Context) -> dict[str, Any]:
-    """Rows of ``model``, ``options``, ``params_m``, ``gflops``, ``backend``, ``size``, ``latency_ms``, ``fps``."""
+    """Rows of ``model``, ``options``, ``shipped`` (the last row pair: the loaded model's recipe), ``params_m``,
+    ``gflops``, ``backend``, ``size``, ``latency_ms``, ``fps``."""
     from models import build_model, list_models
     from models.flops import count_gflops, count_params
 
     config, bench = ctx.config, ctx.config.benchmark
+    meta = ctx.loaded.meta
     names = list(bench.models) or list_models()
-    shipped = {k: v for k, v in SHIPPED_OPTIONS.items() if k not in ("num_classes", "in_channels")}
-    recipes: list[tuple[str, str, dict[str, Any]]] = [(name, name, {}) for name in names]
-    recipes.append((f"{SHIPPED_ARCH} (shipped: resnet18, width 0.5)", SHIPPED_ARCH, shipped))
+    recipes: list[tuple[str, str, dict[str, Any], int]] = [(name, name, {}, 1) for name in names]
+    options = {k: v for k, v in meta.options.items() if k not in ("num_classes", "in_channels")}
+    described = ", ".join(str(v) if isinstance(v, str) else f"{k} {v}" for k, v in options.items())
+    recipes.append((f"{meta.arch} ({'shipped' if ctx.loaded.trained else 'stand-in'}: {described})", meta.arch,
+                    options, meta.in_channels))
     size, gsize = bench.model_size, bench.gflops_size
     rng = np.random.default_rng(0)
     rows = []
-    for label, arch, options in recipes:
-        model = build_model(arch, num_classes=2, in_channels=1, **options).eval()
+    for index, (label, arch, options, channels) in enumerate(recipes):
+        model = build_model(arch, num_classes=meta.num_classes, in_channels=channels, **options).eval()
         params_m = count_params(model) / 1e6
-        gflops = count_gflops(model, (1, 1, gsize, gsize))
-        x = rng.standard_normal((1, 1, size, size)).astype(np.float32)
+        gflops = count_gflops(model, (1, channels, gsize, gsize))
+        x = rng.standard_normal((1, channels, size, size)).astype(np.float32)
         for name in bench.backends:
             ctx.log(f"models: {label} on {name}, {size}²")
-            row = {"model": label, "arch": arch, "options": options, "params_m": params_m, "gflops": gflops,
-                   "backend": name, "size": size}
+            row = {"model": label, "arch": arch, "options": options, "shipped": index == len(recipes) - 1,
+                   "params_m": params_m, "gflops": gflops, "backend": name, "size": size}
             limit = bench.onnx_max_params_m
             if name == "onnx" and limit and params_m > limit:
                 row.update(latency_ms=None, fps=None,
@@ -69,7 +73,7 @@ def run_section(ctx: Context) -> dict[str, Any]:
                 rows.append(row)
                 continue
             try:
-                backend = make_backend(name, model, 1, config, ctx.workdir, tag=f"model-{arch}")
+                backend = make_backend(name, model, channels, config, ctx.workdir, tag=f"model-{arch}")
                 times = time_calls(lambda backend=backend, x=x: backend.predict(x), bench.repeats, bench.warmup,
                                    bench.model_budget_s, backend.device)
             except Exception as exc:  # one model failing (e.g. export) must not lose the whole table

@@ -122,21 +122,23 @@ def _storage(section: dict[str, Any], gap: dict[str, Any] | None) -> list[str]:
              r.get("ratio"), r["cache"]) for r in section["results"]]
     lines.append(table(["device", "format", "threads", "fps (frames/s)", "MB/s", "file (MB)",
                         "device bound (frames/s)", "fps / bound", "page cache"], rows))
-    notes = sorted({r["cache_note"] for r in section["results"] if r.get("cache") not in ("cold", "warm")
-                    and r.get("cache_note")})
+    notes = sorted({f"{r['device']}: {r['cache_note']}" for r in section["results"]
+                    if r["cache"] in ("unverified", "not evicted")})
     lines += [f"- page cache: {note}" for note in notes]
     if gap and gap.get("profiles"):
-        rate = gap.get("inference_fps")
-        lines += ["", f"### Reader gap between devices ({gap['format']} frames"
-                  + (f", model at {_num(rate)} fps)" if rate else ")"), ""]
+        rates = gap.get("model_fps", {})
+        lines += ["", f"### Reader gap between devices ({gap['format']} frames)", "",
+                  "A serial loop reads a frame, then runs the model (1 / (1/reader + 1/model)); a prefetching "
+                  "pipeline reads ahead in parallel threads (min(best reader, model)). Model rates: "
+                  + (", ".join(f"{label} = {_num(rate)} fps" for label, rate in rates.items()) or "none") + ".", ""]
         headers = ["device", "reader fps, 1 thread", "reader fps, best", "best threads"]
-        if rate:
-            headers += ["serial read+infer (fps)", "prefetching pipeline (fps)"]
+        for label in rates:
+            headers += [f"serial, {label} (fps)", f"prefetching, {label} (fps)"]
         rows = []
         for name, entry in gap["profiles"].items():
             row = [name, entry["reader_fps_1_thread"], entry["reader_fps_best"], entry["best_threads"]]
-            if rate:
-                row += [entry["serial_fps"], entry["prefetch_fps"]]
+            for label in rates:
+                row += [entry["serial_fps"][label], entry["prefetch_fps"][label]]
             rows.append(row)
         lines.append(table(headers, rows))
     return lines
@@ -253,7 +255,7 @@ def write_plot(path: str | Path, result: dict[str, Any]) -> None:
     panels = chart_panels(result)
     if not panels:
         raise ValueError("nothing to plot: no section produced figures")
-    width, label_w, bar_h, gap, title_h, axis_h = 1280, 430, 20, 6, 44, 22
+    width, label_w, bar_h, gap, title_h, axis_h = 1280, 470, 20, 6, 44, 22
     height = 60 + sum(title_h + len(bars) * (bar_h + gap) + axis_h + 30 for _, bars in panels)
     canvas = np.full((height, width, 3), 255, np.uint8)
     machine = result.get("machine", {})
@@ -274,7 +276,7 @@ def write_plot(path: str | Path, result: dict[str, Any]) -> None:
             cv2.line(canvas, (x, y - 4), (x, bottom), (215, 215, 215), 1)
             cv2.putText(canvas, f"{tick:g}", (x - 8, bottom + 14), _FONT, 0.4, (110, 110, 110), 1, cv2.LINE_AA)
         for label, value in bars:
-            cv2.putText(canvas, label[:52], (16, y + bar_h - 5), _FONT, 0.45, _INK, 1, cv2.LINE_AA)
+            cv2.putText(canvas, label[:60], (16, y + bar_h - 5), _FONT, 0.45, _INK, 1, cv2.LINE_AA)
             end = label_w + length(value)
             cv2.rectangle(canvas, (label_w, y), (end, y + bar_h), colour, -1)
             cv2.putText(canvas, _num(value), (end + 6, y + bar_h - 5), _FONT, 0.45, _INK, 1, cv2.LINE_AA)

@@ -292,7 +292,11 @@ def read_sequence(device: Device, paths: Sequence[Path], fmt: str, threads: int,
 
 def measure_reader(device: Device, paths: Sequence[Path], fmt: str, threads: int, repeats: int, warmup: int,
                    cold: bool) -> dict[str, Any]:
-    """Median frames/s and MB/s of one reader configuration; ``cold`` evicts the cache before each run."""
+    """Median frames/s and MB/s of one reader configuration; ``cold`` evicts the cache before each run.
+
+    ``cache`` says what the timed runs read from: "cold" (eviction verified), "unverified", "not
+    evicted" (with ``cache_note`` saying why), or "warm (emulated device)" when ``cold`` is False.
+    """
     cache_states: list[dict[str, Any]] = []
 
     def before_each() -> None:
@@ -308,10 +312,10 @@ def measure_reader(device: Device, paths: Sequence[Path], fmt: str, threads: int
         timed = cache_states[warmup:]
         verdicts = [s["cold"] for s in timed]
         result["cache"] = ("cold" if all(v is True for v in verdicts)
-                           else "unverified" if all(v is not False for v in verdicts) else "warm")
+                           else "unverified" if all(v is not False for v in verdicts) else "not evicted")
         result["cache_note"] = next((s["note"] for s in timed if s["cold"] is not True), timed[0]["note"])
     else:
-        result["cache"] = "warm"
+        result["cache"] = "warm (emulated device)"
     return result
 
 
@@ -370,22 +374,22 @@ def run_section(cfg: BenchmarkConfig, dirs: dict[str, Path], workdir: Path | Non
             "results": results}
 
 
-def reader_gap(section: dict[str, Any], inference_fps: float | None, fmt: str = "png") -> dict[str, Any]:
-    """How far parallel readers close the gap between emulated devices for a model at ``inference_fps``.
+def reader_gap(section: dict[str, Any], model_fps: dict[str, float], fmt: str = "png") -> dict[str, Any]:
+    """How far parallel readers close the gap between emulated devices, for models running at ``model_fps``.
 
-    Per profile: reader fps with one thread and with the best thread count, and the frame rate of a
-    serial loop (read, then infer: ``1 / (1/reader + 1/inference)``) against a prefetching pipeline
-    (``min(reader, inference)``).
+    Per profile: reader fps with one thread and with the best thread count, and for each model rate
+    the frame rate of a serial loop (read, then infer: ``1 / (1/reader + 1/model)``) against a
+    prefetching pipeline (``min(best reader, model)``).
     """
-    gap: dict[str, Any] = {"format": fmt, "inference_fps": inference_fps, "profiles": {}}
+    gap: dict[str, Any] = {"format": fmt, "model_fps": dict(model_fps), "profiles": {}}
     rows = [r for r in section["results"] if r["kind"] == "emulated" and r["format"] == fmt]
     for name in dict.fromkeys(r["device"] for r in rows):
         mine = sorted((r for r in rows if r["device"] == name), key=lambda r: r["threads"])
         best = max(mine, key=lambda r: r["fps"])
-        entry = {"reader_fps_1_thread": mine[0]["fps"], "threads_1": mine[0]["threads"],
-                 "reader_fps_best": best["fps"], "best_threads": best["threads"]}
-        if inference_fps:
-            entry["serial_fps"] = 1.0 / (1.0 / mine[0]["fps"] + 1.0 / inference_fps)
-            entry["prefetch_fps"] = min(best["fps"], inference_fps)
-        gap["profiles"][name] = entry
+        one = mine[0]["fps"]
+        gap["profiles"][name] = {
+            "reader_fps_1_thread": one, "reader_fps_best": best["fps"], "best_threads": best["threads"],
+            "serial_fps": {label: 1.0 / (1.0 / one + 1.0 / rate) for label, rate in model_fps.items()},
+            "prefetch_fps": {label: min(best["fps"], rate) for label, rate in model_fps.items()},
+        }
     return gap

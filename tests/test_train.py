@@ -47,7 +47,7 @@ def test_epoch_order_is_seeded_and_covers_the_data():
 
 def test_tiny_training_lowers_the_loss(tmp_path):
     cfg = tiny_config(epochs=4, steps_per_epoch=3, scheduler="none", max_val_frames=1)
-    trainer = Trainer(cfg, RunSpec("icnet", str(write_dataset(tmp_path / "data")), str(tmp_path / "m.pt")))
+    trainer = Trainer(cfg, RunSpec(str(write_dataset(tmp_path / "data")), str(tmp_path / "m.pt")))
     trainer.fit()
     losses = [row["train_loss"] for row in trainer.history]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
@@ -56,7 +56,7 @@ def test_tiny_training_lowers_the_loss(tmp_path):
 
 def test_resume_after_k_steps_matches_an_uninterrupted_run(tmp_path):
     cfg = tiny_config()
-    straight = Trainer(cfg, RunSpec("icnet", None, str(tmp_path / "a" / "m.pt")))
+    straight = Trainer(cfg, RunSpec(None, str(tmp_path / "a" / "m.pt")))
     straight.fit()
 
     calls = []
@@ -65,7 +65,7 @@ def test_resume_after_k_steps_matches_an_uninterrupted_run(tmp_path):
         calls.append(1)
         return len(calls) > 4  # polled before each step: stops in epoch 2, after its first step
 
-    first = Trainer(cfg, RunSpec("icnet", None, str(tmp_path / "b" / "m.pt")))
+    first = Trainer(cfg, RunSpec(None, str(tmp_path / "b" / "m.pt")))
     result = first.fit(stop=stop_after_four_steps)
     assert result.interrupted and (first.epoch, first.step) == (1, 1)
     del first
@@ -83,7 +83,7 @@ def test_resume_after_k_steps_matches_an_uninterrupted_run(tmp_path):
 def test_optimizers_schedulers_and_losses_run(tmp_path, optimizer, scheduler, loss):
     cfg = tiny_config(epochs=1, steps_per_epoch=2, optimizer=optimizer, scheduler=scheduler, loss=loss,
                       synthetic_val_sequences=0)
-    trainer = Trainer(cfg, RunSpec("icnet", None, str(tmp_path / "m.pt")))
+    trainer = Trainer(cfg, RunSpec(None, str(tmp_path / "m.pt")))
     result = trainer.fit()
     assert result.epochs_done == 1 and result.best_miou is None  # no validation data
     assert trainer.lr < cfg.train.lr  # the schedule decays towards its end
@@ -92,16 +92,16 @@ def test_optimizers_schedulers_and_losses_run(tmp_path, optimizer, scheduler, lo
 
 def test_early_stopping(tmp_path):
     cfg = tiny_config(epochs=5, steps_per_epoch=1, patience=1, lr=0.0, scheduler="none")
-    trainer = Trainer(cfg, RunSpec("icnet", None, str(tmp_path / "m.pt")))
+    trainer = Trainer(cfg, RunSpec(None, str(tmp_path / "m.pt")))
     result = trainer.fit()  # lr 0: the val mIoU never improves after the first epoch
     assert result.stopped_early and result.epochs_done == 2
 
 
 def test_bad_settings_raise(tmp_path):
     with pytest.raises(TrainError, match="valid models"):
-        Trainer(tiny_config(), RunSpec("unet", None, str(tmp_path / "m.pt")))
+        Trainer(tiny_config(model="unet"), RunSpec(None, str(tmp_path / "m.pt")))
     with pytest.raises(TrainError, match="optimizer"):
-        Trainer(tiny_config(optimizer="lamb"), RunSpec("icnet", None, str(tmp_path / "m.pt")))
+        Trainer(tiny_config(optimizer="lamb"), RunSpec(None, str(tmp_path / "m.pt")))
     with pytest.raises(TrainError, match="not a training state"):
         torch.save({"weights": 1}, tmp_path / "x.pt")
         Trainer.resume(tmp_path / "x.pt")
