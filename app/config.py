@@ -83,8 +83,9 @@ class ModelConfig:
     precision: str = "fp32"
     channels_last: bool = True
     compile: bool = False
+    trace: bool = True
     onnx_path: str = ""
-    onnx_threads: int = 0
+    threads: int = 0
     warmup_iters: int = 2
 
 
@@ -95,6 +96,7 @@ class PipelineConfig:
     batch_timeout_ms: float = 5.0
     join_timeout_s: float = 5.0
     max_frames: int = 0
+    pin_threads: bool = True
 
 
 @dataclass(frozen=True)

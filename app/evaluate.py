@@ -241,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
     model, meta = load_checkpoint(args.weights)
     settings = settings_from(cfg.preprocess, meta.in_channels, meta.normalization,
                              meta.train_config.get("preprocess"))
-    backend = create_backend(cfg.model, model, meta, args.weights)
+    backend = create_backend(cfg.model, model, meta, args.weights, concurrent=False)
     if args.synthetic:
         frames, what = synthetic_frames(cfg), (f"synthetic sequence seed {cfg.synth.seed}, {cfg.synth.frames} "
                                                f"frames of {cfg.synth.size}×{cfg.synth.size}")

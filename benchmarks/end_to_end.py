@@ -2,13 +2,15 @@
 
 Both read the same PNG sequence (``benchmark.frames`` frames of ``benchmark.end_to_end_size``²)
 through the app's image-sequence source and write the same outputs (MP4, GIF, mask PNGs, CSV) with
-the configured backend and batch size. Each stage is also measured alone with the same settings,
+the configured backend and batch size; inference threads follow ``model.threads`` (auto: all cores but
+one in the pipeline, where other stages run beside inference, all cores in the naive loop). Each stage is also measured alone with the same settings,
 grouped as the pipeline's threads are (source, preprocess, inference, overlay, sinks = all writers).
 Every round runs the pipeline, the naive loop and each stage alone once, so a noisy neighbour (or a
 CPU that changes its clock) affects all of them alike; medians over the timed rounds are reported, and
 
     efficiency = pipeline fps / fps of the slowest stage alone
 
+with each run's fps = frames / (last frame written - first frame captured), fill and drain included,
 says how close the threads come to the ideal of running at the speed of their bottleneck.
 """
 
@@ -55,10 +57,15 @@ def run_section(ctx: Context) -> dict[str, Any]:
 
     run_config = replace(config, source={"uri": str(folder), "loop": False}, pipeline={"max_frames": 0},
                          output=outputs("pipeline"))
-    backend = ctx.backend(config.model.backend)
-    worker = InferenceWorker(backend, batch_size=config.pipeline.batch_size,
-                             batch_timeout_ms=config.pipeline.batch_timeout_ms,
-                             warmup_iters=config.model.warmup_iters)
+    # The pipeline's inference shares the CPU with the other stages, the naive loop's runs alone: each
+    # gets the thread count model.threads gives it (auto: all cores but one vs all cores).
+    backends = {"pipeline": ctx.backend(config.model.backend, concurrent=True),
+                "naive": ctx.backend(config.model.backend, concurrent=False)}
+    workers = {mode: InferenceWorker(backend, batch_size=config.pipeline.batch_size,
+                                     batch_timeout_ms=config.pipeline.batch_timeout_ms,
+                                     warmup_iters=config.model.warmup_iters)
+               for mode, backend in backends.items()}
+    backend, worker = backends["pipeline"], workers["pipeline"]
     style = config.overlay
     renderer = OverlayRenderer(meta.palette, alpha=style.alpha, contours=style.contours,
                                contour_thickness=style.contour_thickness, hud=style.hud)
@@ -71,7 +78,7 @@ def run_section(ctx: Context) -> dict[str, Any]:
         except BaseException:
             source.close()
             raise
-        stages = (source, preprocessor(ctx.loaded, config), worker, renderer, sinks, mode_config.pipeline)
+        stages = (source, preprocessor(ctx.loaded, config), workers[mode], renderer, sinks, mode_config.pipeline)
         if mode == "pipeline":
             return Pipeline(*stages).run()
         return run_sequential(*stages)
@@ -108,8 +115,8 @@ def run_section(ctx: Context) -> dict[str, Any]:
             rate = fps_from_timestamps(runner(), items_per_stamp)
             if timed:
                 alone[name].append(rate)
-    pipeline_fps = statistics.median(r.fps for r in runs["pipeline"])
-    naive_fps = statistics.median(r.fps for r in runs["naive"])
+    pipeline_fps = statistics.median(r.throughput_fps for r in runs["pipeline"])
+    naive_fps = statistics.median(r.throughput_fps for r in runs["naive"])
     stages = {name: {"fps": statistics.median(rates), "fps_runs": rates,
                      "ms_per_item": 1000.0 / statistics.median(rates)} for name, rates in alone.items()}
     stages["sinks"]["close_ms"] = statistics.median(closing_ms[bench.warmup:])
@@ -117,8 +124,9 @@ def run_section(ctx: Context) -> dict[str, Any]:
     last = runs["pipeline"][-1]
     return {
         "size": size, "frames": count, "backend": backend.name, "batch_size": batch, "outputs": list(OUTPUTS),
-        "pipeline_fps": pipeline_fps, "pipeline_fps_runs": [r.fps for r in runs["pipeline"]],
-        "naive_fps": naive_fps, "naive_fps_runs": [r.fps for r in runs["naive"]],
+        "threads": {mode: getattr(b, "threads", None) or None for mode, b in backends.items()},
+        "pipeline_fps": pipeline_fps, "pipeline_fps_runs": [r.throughput_fps for r in runs["pipeline"]],
+        "naive_fps": naive_fps, "naive_fps_runs": [r.throughput_fps for r in runs["naive"]],
         "speedup": pipeline_fps / naive_fps,
         "slowest_stage": slowest, "slowest_stage_fps": stages[slowest]["fps"],
         "efficiency": pipeline_fps / stages[slowest]["fps"],

@@ -2,11 +2,13 @@
 
     python -m benchmarks.fps [--quick] [--sections storage,stages,models,end_to_end]
                              [--dirs hdd=/mnt/hdd/seq ssd=/mnt/ssd/seq] [--json FILE] [--markdown FILE]
-                             [--plot FILE.png] [--workdir DIR] [--torch-threads N] [--config PATH] [--set K=V]
+                             [--plot FILE.png] [--workdir DIR] [--config PATH] [--set K=V]
 
 Settings come from the ``benchmark`` section of config.yaml (``--set benchmark.frames=32``); the model,
 backend, batch size and outputs from the usual sections. ``--quick`` applies :data:`QUICK_OVERRIDES`
-first (a run of about two minutes on two CPU cores); ``--set`` still wins over it. Warm-up runs come
+first (a run of about two minutes on two CPU cores); ``--set`` still wins over it. Inference threads
+follow ``model.threads`` (0 = auto: every core when a backend runs alone, all but one inside the
+threaded pipeline; ``--set model.threads=N`` fixes them). Warm-up runs come
 first, medians over repeats are reported, and every figure carries its unit. The expected duration is
 printed before anything is measured; the markdown table is printed at the end.
 
@@ -37,7 +39,7 @@ SECTIONS = ("storage", "stages", "models", "end_to_end")
 QUICK_OVERRIDES = (
     "benchmark.repeats=3",
     "benchmark.warmup=1",
-    "benchmark.frames=24",
+    "benchmark.frames=48",
     "benchmark.sizes=[512]",
     "benchmark.large_input_size=0",
     "benchmark.inference_frames=8",
@@ -72,8 +74,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", metavar="DIR", type=Path, default=None,
                         help="scratch folder for frames and outputs (its disk is the 'local-disk' row; "
                              "default: the system temporary folder)")
-    parser.add_argument("--torch-threads", metavar="N", type=int, default=0,
-                        help="torch intra-op threads (default: torch's own choice)")
     add_config_arguments(parser)
     return parser
 
@@ -244,7 +244,7 @@ def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Pat
         result["notes"].append(
             f"the machine was busy when measuring started (load average {load:.1f} on {cores} cores): "
             "multi-threaded backends slow down out of proportion when their threads are preempted; "
-            "compare with --torch-threads 1 --set model.onnx_threads=1, or measure on an idle machine")
+            "compare with --set model.threads=1, or measure on an idle machine")
         log(f"benchmark: warning: {result['notes'][-1]}")
     with tempfile.TemporaryDirectory(prefix="cellseg-bench-", dir=workdir) as scratch:
         ctx = Context(config, loaded, FrameCache(Path(scratch)), Path(scratch), log)
@@ -284,10 +284,6 @@ def main(argv: list[str] | None = None) -> int:
         dirs = parse_dirs(args.dirs)
         config = (load_config(args.config, [*QUICK_OVERRIDES, *args.overrides]) if args.quick
                   else config_from_args(args))
-        if args.torch_threads > 0:
-            import torch
-
-            torch.set_num_threads(args.torch_threads)
         command = "python -m benchmarks.fps " + shlex.join(sys.argv[1:] if argv is None else argv)
         result = run(config, sections, dirs, args.workdir, log, quick=args.quick, command=command)
         if args.json:

@@ -90,6 +90,10 @@ def _end_to_end(section: dict[str, Any]) -> list[str]:
     lines = ["", "## End to end: threaded pipeline vs naive loop", "",
              f"{section['frames']} frames of {section['size']}², backend {section['backend']}, batch "
              f"{section['batch_size']}, outputs: {', '.join(section['outputs']) or 'none'}.", ""]
+    threads = section.get("threads") or {}
+    if any(threads.values()):
+        lines[-1:-1] = [f"Inference threads: {threads.get('pipeline') or 'default'} in the pipeline (the "
+                        f"stages alone use the same), {threads.get('naive') or 'default'} in the naive loop."]
     lines.append(table(
         ["run", "fps (frames/s)", "ms/frame"],
         [("threaded pipeline", section["pipeline_fps"], 1000 / section["pipeline_fps"]),

@@ -59,19 +59,26 @@ def load_model(config: Config) -> LoadedModel:
 
 
 def make_backend(name: str, model: nn.Module, in_channels: int, config: Config, workdir: Path,
-                 tag: str = "model") -> Any:
-    """A ``torch`` or ``onnx`` backend for ``model``; ONNX graphs are exported into ``workdir``."""
-    from app.backends import BackendError, OnnxBackend, TorchBackend
+                 tag: str = "model", concurrent: bool = False) -> Any:
+    """A ``torch`` or ``onnx`` backend for ``model``; ONNX graphs are exported into ``workdir``.
+
+    Thread count from ``model.threads`` (see :func:`app.backends.inference_threads`): ``concurrent``
+    picks the pipeline's automatic count, otherwise the count for inference running alone.
+    """
+    from app.backends import BackendError, OnnxBackend, TorchBackend, inference_threads
     from models.onnx_export import export_onnx
 
     settings = config.model
+    threads = inference_threads(settings.threads, concurrent=concurrent)
     if name == "torch":
         return TorchBackend(model, device=settings.device, precision=settings.precision,
-                            channels_last=settings.channels_last, compile=settings.compile)
+                            channels_last=settings.channels_last, compile=settings.compile, threads=threads,
+                            trace=settings.trace)
     if name == "onnx":
-        path = export_onnx(model, workdir / f"{tag}.onnx", in_channels=in_channels)
-        return OnnxBackend(path, threads=settings.onnx_threads, device=settings.device,
-                           precision=settings.precision)
+        path = workdir / f"{tag}.onnx"
+        if not path.exists():
+            export_onnx(model, path, in_channels=in_channels)
+        return OnnxBackend(path, threads=threads, device=settings.device, precision=settings.precision)
     raise BackendError(f"unknown backend '{name}'; valid: torch, onnx")
 
 
@@ -140,9 +147,11 @@ class Context:
     log: Callable[[str], None] = lambda _: None
     _backends: dict[str, Any] = field(default_factory=dict)
 
-    def backend(self, name: str) -> Any:
-        """The shipped model on backend ``name`` (built once, ONNX exported once)."""
-        if name not in self._backends:
-            self._backends[name] = make_backend(name, self.loaded.model, self.loaded.meta.in_channels,
-                                                self.config, self.workdir, tag="shipped")
-        return self._backends[name]
+    def backend(self, name: str, concurrent: bool = False) -> Any:
+        """The shipped model on backend ``name`` (built once per thread policy, ONNX exported once);
+        ``concurrent``: with the thread count the threaded pipeline uses."""
+        key = f"{name}{' concurrent' if concurrent else ''}"
+        if key not in self._backends:
+            self._backends[key] = make_backend(name, self.loaded.model, self.loaded.meta.in_channels,
+                                               self.config, self.workdir, tag="shipped", concurrent=concurrent)
+        return self._backends[key]

@@ -81,7 +81,7 @@ def test_create_backend_exports_next_to_the_weights_when_missing_or_stale(tmp_pa
     local = tmp_path / weights.name
     local.write_bytes(weights.read_bytes())
     model, meta = load_checkpoint(local)
-    config = ModelConfig(weights=str(local), backend="onnx", device="cpu", onnx_threads=1)
+    config = ModelConfig(weights=str(local), backend="onnx", device="cpu", threads=1)
     backend = create_backend(config, model, meta, local)
     exported = local.with_suffix(".onnx")
     assert isinstance(backend, OnnxBackend) and exported.is_file()
@@ -141,3 +141,65 @@ def test_gpu_onnx_runtime_uses_a_gpu_provider(onnx_file: Path, weights: Path) ->
     model, _ = load_checkpoint(weights)
     batch = _batch()
     np.testing.assert_allclose(backend.infer(batch), TorchBackend(model, device="cpu").infer(batch), atol=1e-3)
+
+
+def test_inference_threads_policy() -> None:
+    from app.backends import inference_threads
+    from app.cpu import reserved_cores, usable_cores
+
+    cores = usable_cores()
+    assert inference_threads(3, concurrent=True) == 3 and inference_threads(3, concurrent=False) == 3
+    assert inference_threads(0, concurrent=False) == cores
+    assert inference_threads(0, concurrent=True) == max(1, cores - reserved_cores(cores))
+    assert [reserved_cores(n) for n in (1, 2, 4, 8, 16)] == [1, 1, 1, 2, 4]
+    with pytest.raises(BackendError, match="model.threads"):
+        inference_threads(-1, concurrent=True)
+
+
+def test_affinity_plan_splits_the_cores() -> None:
+    from app.cpu import affinity_plan
+
+    assert affinity_plan("cuda:0", 1) is None
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and two usable cores")
+    cores = os.sched_getaffinity(0)
+    plan = affinity_plan("cpu", 1)
+    assert len(plan["inference"]) == 1 and plan["inference"] | plan["others"] == cores
+    assert not plan["inference"] & plan["others"]
+    many = affinity_plan("cpu", 10_000)  # never all cores: the other stages keep at least one
+    assert len(many["others"]) == 1
+
+
+def test_torch_backend_sets_its_thread_count_before_each_batch(weights: Path) -> None:
+    model, _ = load_checkpoint(weights)
+    before = torch.get_num_threads()
+    try:
+        backend = TorchBackend(model, device="cpu", threads=1)
+        torch.set_num_threads(2)
+        backend.predict(_batch(32, 32))
+        assert torch.get_num_threads() == 1 and backend.threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_traced_torch_backend_matches_eager_and_keeps_one_trace_per_shape(weights: Path) -> None:
+    model, _ = load_checkpoint(weights)
+    eager = TorchBackend(model, device="cpu", trace=False)
+    traced = TorchBackend(model, device="cpu", trace=True)
+    assert "traced" in traced.name and "traced" not in eager.name
+    for size in ((64, 64), (70, 90), (64, 64)):
+        batch = _batch(*size)
+        np.testing.assert_allclose(traced.infer(batch), eager.infer(batch), rtol=0, atol=1e-4)
+    assert len(traced._traces) == 2
+
+
+def test_an_untraceable_model_runs_eagerly_with_a_warning() -> None:
+    class DictOut(torch.nn.Module):  # data-dependent Python control flow on a tensor value
+        def forward(self, x):
+            return {"out": x.repeat(1, 2, 1, 1)} if x.mean() > -1e9 else x
+
+    backend = TorchBackend(DictOut(), device="cpu", trace=True, channels_last=False)
+    with pytest.warns(RuntimeWarning, match="cannot be traced"):
+        with pytest.raises(Exception):  # noqa: B017 - the eager model itself returns a dict
+            backend.predict(_batch(32, 32))
+    assert backend.trace is False

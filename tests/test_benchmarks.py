@@ -174,7 +174,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> tupl
     out = tmp_path_factory.mktemp("bench")
     command = [sys.executable, "-m", "benchmarks.fps", "--quick", "--json", str(out / "r.json"),
                "--markdown", str(out / "r.md"), "--plot", str(out / "r.png"), "--workdir", str(out),
-               "--torch-threads", "1", "--set", "model.onnx_threads=1"]
+               "--set", "model.threads=1"]
     for override in TINY:
         command += ["--set", override]
     done = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=110,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -306,3 +307,62 @@ def test_a_pipeline_runs_once(tmp_path):
     pipeline.run()
     with pytest.raises(RuntimeError, match="runs once"):
         pipeline.run()
+
+
+class AffinityBackend(FakeBackend):
+    """Records the CPU set of the thread that runs inference; ``threads`` as a CPU backend reports it."""
+
+    threads = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cpu_sets: list[set[int]] = []
+
+    def predict(self, batch):
+        self.cpu_sets.append(os.sched_getaffinity(0))
+        return super().predict(batch)
+
+
+class AffinitySink:
+    """Records the CPU set of the sinks thread."""
+
+    def __init__(self) -> None:
+        self.cpu_sets: list[set[int]] = []
+
+    def write(self, item) -> None:
+        self.cpu_sets.append(os.sched_getaffinity(0))
+
+    def close(self) -> None:
+        pass
+
+
+needs_two_cores = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                                     reason="thread pinning needs Linux and two usable cores")
+
+
+@needs_two_cores
+@pytest.mark.parametrize("pin", [True, False])
+def test_cpu_inference_gets_its_own_cores_and_the_other_stages_the_rest(tmp_path, pin):
+    cores = os.sched_getaffinity(0)
+    backend, sink = AffinityBackend(), AffinitySink()
+    preprocessor, worker, renderer = make_stages(backend)
+    result = Pipeline(folder_source(tmp_path, count=4), preprocessor, worker, renderer, [sink],
+                      pipeline_settings(pin_threads=pin)).run()
+    assert result.frames == 4
+    inference, others = set(backend.cpu_sets[-1]), set(sink.cpu_sets[-1])
+    if pin:
+        assert len(inference) == 1 and inference.isdisjoint(others) and inference | others == cores
+    else:
+        assert inference == others == cores
+    assert os.sched_getaffinity(0) == cores  # the caller's own thread is never pinned
+
+
+def test_throughput_counts_from_the_first_capture_and_never_exceeds_the_steady_rate(tmp_path):
+    backend = FakeBackend(delay_s=0.01)
+    preprocessor, worker, renderer = make_stages(backend)
+    result = Pipeline(folder_source(tmp_path, count=10), preprocessor, worker, renderer, [],
+                      pipeline_settings()).run()
+    assert result.frames == 10
+    assert 0 < result.throughput_fps <= result.fps * 1.05
+    assert result.throughput_fps < 1 / 0.01 * 1.05  # ten frames of a 10 ms model take at least 100 ms
+    assert result.to_dict()["throughput_fps"] == result.throughput_fps
