@@ -193,6 +193,7 @@ class BenchmarkConfig:
     model_budget_s: float = 20.0
     onnx_max_params_m: float = 0.0
     end_to_end_size: int = 512
+    one_core_size: int = 1024
     gap_reference_fps: float = 23.0
 
 

@@ -217,7 +217,8 @@ def chart_panels(result: dict[str, Any]) -> list[tuple[str, list[tuple[str, floa
         panels.append((f"Reading {storage['frame_size']}² {fmt} frames (frames/s)", bars))
     stages = result.get("stages")
     if stages and stages["results"]:
-        size = max(r["size"] for r in stages["results"])
+        sized = [r for r in stages["results"] if isinstance(r["size"], int)]
+        size = max([r["size"] for r in sized if "1 core" not in r["variant"]] or [r["size"] for r in sized])
         panels.append((f"Stages alone at {size}² (frames/s)",
                        [(f"{r['stage']}: {r['variant']}", r["fps"]) for r in stages["results"] if r["size"] == size]))
     models = result.get("models")

@@ -2,15 +2,17 @@
 
 Every stage gets the same synthetic interferograms (``benchmark.frames`` of them per size) and is
 timed as throughput over the frames it finishes, ``(N - 1) / (t_last - t_first)``, median over
-repeats. Writers are stamped as each frame's ``write`` returns, as the pipeline counts them; what
+repeats. Overlay and a metrics update are also timed on one core at ``benchmark.one_core_size``². Writers are stamped as each frame's ``write`` returns, as the pipeline counts them; what
 ``close()`` then costs (the GIF is encoded there) is reported separately as ``close_ms``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,6 +197,8 @@ def run_section(ctx: Context) -> dict[str, Any]:
         shutil.rmtree(out, ignore_errors=True)
     if bench.large_input_size > 0 and bench.sizes:
         rows += _large_input_rows(ctx, max(bench.sizes))
+    if bench.one_core_size > 0:
+        rows += _one_core_rows(ctx, renderer, bench.one_core_size)
     synchronize()
     return {"frames": bench.frames, "inference_frames": bench.inference_frames, "results": rows}
 
@@ -214,4 +218,49 @@ def _large_input_rows(ctx: Context, target: int) -> list[dict[str, Any]]:
     make = partial(preprocessor, ctx.loaded, config, input_size=target)
     rate = repeat_rate(preprocess_runner(make, frames.images), bench.repeats, bench.warmup)
     rows.append(_row("preprocess", "standardize + resize (INTER_AREA)", label, rate))
+    return rows
+
+
+@contextlib.contextmanager
+def one_core() -> Iterator[None]:
+    """OpenCV and PyTorch limited to one thread (and, on Linux, this thread to one core) inside."""
+    import cv2
+    import torch
+
+    cv_threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    if affinity:
+        os.sched_setaffinity(0, {min(affinity)})
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(cv_threads)
+        torch.set_num_threads(torch_threads)
+        if affinity:
+            os.sched_setaffinity(0, affinity)
+
+
+def _one_core_rows(ctx: Context, renderer: OverlayRenderer, size: int) -> list[dict[str, Any]]:
+    """Overlay drawing and a metrics update (``ConfusionMatrix``, one prediction/target pair) of
+    ``size``² frames on one CPU core: the budgets the pipeline and evaluation issues set."""
+    from app.metrics import ConfusionMatrix
+
+    bench = ctx.config.benchmark
+    count = max(4, min(bench.frames, 16))
+    frames = ctx.cache.frames(size, count)
+    predictions = [np.roll(label, 3, axis=1) for label in frames.labels]  # realistic disagreement
+    matrix = ConfusionMatrix(ctx.loaded.meta.num_classes)
+    pairs = list(zip(predictions, frames.labels, strict=True))
+    rows = []
+    with one_core():
+        ctx.log(f"stages: overlay {size}², one core")
+        rows.append(_row("overlay", "fill + outlines + HUD, 1 core", size,
+                         repeat_rate(overlay_runner(renderer, frames.images, frames.labels), bench.repeats,
+                                     bench.warmup)))
+        ctx.log(f"stages: metrics {size}², one core")
+        rate = repeat_rate(lambda: stamp_each(pairs, lambda pair: matrix.update(*pair)), bench.repeats,
+                           bench.warmup)
+        rows.append(_row("metrics", "ConfusionMatrix.update, 1 core", size, rate))
     return rows

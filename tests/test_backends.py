@@ -193,6 +193,7 @@ def test_traced_torch_backend_matches_eager_and_keeps_one_trace_per_shape(weight
     assert len(traced._traces) == 2
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_an_untraceable_model_runs_eagerly_with_a_warning() -> None:
     class DictOut(torch.nn.Module):  # data-dependent Python control flow on a tensor value
         def forward(self, x):

@@ -161,6 +161,7 @@ TINY = [
     "benchmark.profiles=[hdd,nvme]", "benchmark.sizes=[128]", "benchmark.inference_frames=4",
     "benchmark.batch_sizes=[1,2]", "benchmark.models=[icnet]", "benchmark.model_size=64",
     "benchmark.onnx_max_params_m=0", "benchmark.end_to_end_size=128", "benchmark.large_input_size=0",
+    "benchmark.one_core_size=128",
 ]
 
 
@@ -208,6 +209,7 @@ def test_quick_run_writes_every_promised_key(smoke_run: tuple[Path, dict, str]) 
 
     stages = {(r["stage"], r["variant"]) for r in result["stages"]["results"]}
     assert ("writer", "gif") in stages and ("overlay", "fill + outlines + HUD") in stages
+    assert {("overlay", "fill + outlines + HUD, 1 core"), ("metrics", "ConfusionMatrix.update, 1 core")} <= stages
     inference = [r for r in result["stages"]["results"] if r["stage"] == "inference"]
     assert {(r["backend"], r["batch"]) for r in inference} == {("torch", 1), ("torch", 2), ("onnx", 1), ("onnx", 2)}
     assert all(r["fps"] > 0 for r in result["stages"]["results"])
@@ -216,7 +218,8 @@ def test_quick_run_writes_every_promised_key(smoke_run: tuple[Path, dict, str]) 
     assert {r["backend"] for r in models} == {"torch", "onnx"}
     assert all(r["params_m"] > 0 and r["gflops"] > 0 and r["latency_ms"] > 0 for r in models)
 
-    assert {t["name"].split(" ")[0] for t in result["targets"]} >= {"pipeline", "hdd"}
+    assert {t["name"].split(" ")[0] for t in result["targets"]} >= {"pipeline", "hdd", "overlay,", "metrics"}
+    assert e2e["threads"]["pipeline"] == e2e["threads"]["naive"] == 1  # --set model.threads=1
     assert all(isinstance(t["met"], bool) for t in result["targets"])
 
 
