@@ -211,6 +211,9 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
+    """``int``, ``tuple[float, float]``, ``int | None``: the annotation as a user reads it."""
+    if typing.get_args(tp):
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -257,6 +260,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected bool (true/false), got {type(value).__name__} {value!r}")
         return value
     if tp is str:
+        # YAML reads a bare number such as the camera index in ``uri: 0`` as an int; keep its text.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
         return value

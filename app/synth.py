@@ -501,17 +501,22 @@ def write_sequence(seq: InterferogramSequence, out_dir: Path, video: Path | None
                    progress: bool = False) -> None:
     """Write ``out_dir/images/NNNNNN.png``, ``out_dir/masks/NNNNNN.png``, ``out_dir/meta.json`` and
     optionally an MP4 (8-bit gray, mp4v). The MP4 is written under a temporary name and renamed when
-    finished, also on error or Ctrl-C, so the file on disk is always playable."""
+    finished, also on error or Ctrl-C, so the file on disk is always playable. Numbered frames left in
+    ``images``/``masks`` by an earlier, longer sequence are deleted, so the folders hold this sequence only."""
     images, masks = out_dir / "images", out_dir / "masks"
-    images.mkdir(parents=True, exist_ok=True)
-    masks.mkdir(parents=True, exist_ok=True)
+    for folder in (images, masks):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("[0-9]" * 6 + ".png"):
+            if int(stale.stem) >= len(seq):
+                stale.unlink()
     (out_dir / "meta.json").write_text(json.dumps(seq.meta(), indent=2) + "\n")
     writer, partial = _video_writer(video, fps, seq.cfg.size) if video is not None else (None, None)
     try:
         for frame in seq:
             name = f"{frame.index:06d}.png"
-            if not (cv2.imwrite(str(images / name), frame.image) and cv2.imwrite(str(masks / name), frame.mask)):
-                raise OSError(f"cannot write {images / name}")
+            for folder, array in ((images, frame.image), (masks, frame.mask)):
+                if not cv2.imwrite(str(folder / name), array):
+                    raise OSError(f"cannot write {folder / name}")
             if writer is not None:
                 writer.write(frame.image if frame.image.dtype == np.uint8 else (frame.image >> 8).astype(np.uint8))
             if progress:
@@ -530,6 +535,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Write a synthetic off-axis interferogram sequence of moving cells with exact masks: "
                     "DIR/images/NNNNNN.png, DIR/masks/NNNNNN.png (0 = background, 1 = cell, 255 = ignore) "
                     "and DIR/meta.json. Flags override the synth section of the config.",
+        epilog="Example: python -m app.synth --out data/seq0 --frames 100 --size 512 --seed 7 --video seq0.mp4. "
+               "Fringe period and angle, cell count, noise, blur and the other physical settings are "
+               "synth.* keys in config.yaml (change them with --set, e.g. --set synth.fringe_period_px=5). "
+               "The same frames in memory: app.synth.InterferogramSequence(load_config().synth).frame(i).",
     )
     parser.add_argument("--out", metavar="DIR", required=True, type=Path, help="output folder (created if missing)")
     parser.add_argument("--frames", metavar="N", type=int, help="number of frames (default: synth.frames)")

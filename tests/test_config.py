@@ -61,6 +61,18 @@ def test_wrong_type_names_key_and_type(tmp_path):
         load_config(overrides=["overlay.contours=7"])
     with pytest.raises(ConfigError, match="list of 3 values"):
         load_config(overrides=["train.aux_weights=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"synth\.cell_radius_px: expected a list \(tuple\[float, float\]\)"):
+        load_config(overrides=["synth.cell_radius_px=0.1"])
+    with pytest.raises(ConfigError, match=r"model\.backend: expected str, got bool"):
+        load_config(overrides=["model.backend=true"])
+
+
+def test_camera_index_is_kept_as_text(tmp_path):
+    """``uri: 0`` (camera 0, as config.yaml documents) is read as YAML int; a str field keeps its text."""
+    path = tmp_path / "c.yaml"
+    path.write_text("source:\n  uri: 0\n")
+    assert load_config(path).source.uri == "0"
+    assert load_config(overrides=["source.uri=1"]).source.uri == "1"
 
 
 def test_int_accepted_for_float_but_not_bool_for_int():
