@@ -429,13 +429,16 @@ def worker_init(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, sampler: Sampler | None = None, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, seed: int = 0) -> DataLoader:
     """A DataLoader whose workers decode with OpenCV in parallel.
 
     Workers start with ``forkserver``, not ``fork``: a process forked after OpenMP or OpenCV thread
     pools ran in the parent (any torch or cv2 call) can deadlock on its first parallel call.
+    Every iteration draws the workers' base seed from a generator seeded with ``seed``, never from the
+    global torch RNG: starting an epoch leaves the global RNG (dropout draws) as it was, so a resumed
+    run, which starts its loader mid-epoch, continues exactly.
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=drop_last, worker_init_fn=worker_init if num_workers else None,
                       multiprocessing_context="forkserver" if num_workers else None,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(seed))

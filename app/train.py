@@ -313,7 +313,7 @@ class Trainer:
         self.train_set.set_epoch(self.epoch)
         order = epoch_order(len(self.train_set), self.steps_per_epoch * train.batch_size, train.seed, self.epoch)
         loader = make_loader(self.train_set, train.batch_size, sampler=order[self.step * train.batch_size:],
-                             num_workers=train.num_workers)
+                             num_workers=train.num_workers, seed=train.seed)
         self.model.train()
         for images, targets in loader:
             if stop is not None and stop():

@@ -196,3 +196,10 @@ def test_workers_give_the_same_batches():
     serial = list(make_loader(dataset, batch_size=2))
     parallel = list(make_loader(dataset, batch_size=2, num_workers=1))
     torch.testing.assert_close(serial, parallel)
+
+
+def test_loader_leaves_the_global_torch_rng_alone():
+    dataset = SegmentationDataset(SyntheticFrames(TINY_SYNTH, seeds=[1]), PreprocessSettings(), 2)
+    before = torch.get_rng_state()
+    next(iter(make_loader(dataset, batch_size=1, sampler=[2, 0])))
+    torch.testing.assert_close(torch.get_rng_state(), before, rtol=0, atol=0)

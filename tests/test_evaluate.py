@@ -112,6 +112,28 @@ def test_cli_prediction_only_writes_masks(tmp_path, weights, capsys):
     assert report["miou"] is None and sum(report["fractions"]) == pytest.approx(1.0)
 
 
+def test_cli_video_is_prediction_only(tmp_path, weights, capsys):
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 48))
+    assert writer.isOpened()
+    for _ in range(4):
+        writer.write(RNG.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    assert main(["--weights", str(weights), "--data", str(video), "--json", str(tmp_path / "v.json"),
+                 "--set", "model.device=cpu"]) == 0
+    assert "no labels: prediction only" in capsys.readouterr().err
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert (report["frames"], report["labelled_frames"], report["miou"]) == (4, 0, None)
+
+
+def test_cli_dataset_with_a_missing_mask_is_exit_2(tmp_path, weights, capsys):
+    data = write_dataset(tmp_path / "data")
+    (data / "masks" / "f_001.png").unlink()
+    assert main(["--weights", str(weights), "--data", str(data), "--set", "model.device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "have no mask" in err and "f_001.png" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--weights", "/nonexistent.pt", "--synthetic"], "not found"),
     (["--weights", "W", "--data", "/nonexistent/dir"], "no such file"),

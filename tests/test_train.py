@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import math
+import random
 
 import cv2
 import numpy as np
@@ -54,8 +55,15 @@ def test_tiny_training_lowers_the_loss(tmp_path):
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_resume_after_k_steps_matches_an_uninterrupted_run(tmp_path):
-    cfg = tiny_config()
+def global_rng_states() -> tuple:
+    """The global python, NumPy and torch RNG states (what dropout and user code draw from)."""
+    return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()
+
+
+# fcn_resnet18's head has dropout: its weights depend on the global torch RNG at every step.
+@pytest.mark.parametrize("model", ["icnet", "fcn_resnet18"])
+def test_resume_after_k_steps_matches_an_uninterrupted_run(tmp_path, model):
+    cfg = tiny_config(model=model)
     straight = Trainer(cfg, RunSpec(None, str(tmp_path / "a" / "m.pt")))
     straight.fit()
 
@@ -68,15 +76,20 @@ def test_resume_after_k_steps_matches_an_uninterrupted_run(tmp_path):
     first = Trainer(cfg, RunSpec(None, str(tmp_path / "b" / "m.pt")))
     result = first.fit(stop=stop_after_four_steps)
     assert result.interrupted and (first.epoch, first.step) == (1, 1)
+    states_at_stop = global_rng_states()
     del first
     torch.manual_seed(12345)  # whatever happened in between must not matter
     np.random.seed(12345)
     resumed = Trainer.resume(tmp_path / "b" / "m.last.pt")
     assert (resumed.epoch, resumed.step) == (1, 1)
+    assert global_rng_states() == states_at_stop
     resumed.fit()
     torch.testing.assert_close(resumed.model.state_dict(), straight.model.state_dict(), rtol=0, atol=0)
-    assert resumed.optimizer.state_dict()["state"].keys() == straight.optimizer.state_dict()["state"].keys()
-    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+    torch.testing.assert_close(resumed.optimizer.state_dict()["state"], straight.optimizer.state_dict()["state"],
+                               rtol=0, atol=0)
+    assert resumed.lr == straight.lr and resumed.best_miou == straight.best_miou
+    without_time = [{k: v for k, v in row.items() if k != "seconds"} for row in straight.history]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed.history] == without_time
 
 
 @pytest.mark.parametrize("optimizer,scheduler,loss", [("sgd", "poly", "asl"), ("adam", "onecycle", "ce+dice")])
@@ -86,6 +99,9 @@ def test_optimizers_schedulers_and_losses_run(tmp_path, optimizer, scheduler, lo
     trainer = Trainer(cfg, RunSpec(None, str(tmp_path / "m.pt")))
     result = trainer.fit()
     assert result.epochs_done == 1 and result.best_miou is None  # no validation data
+    assert isinstance(trainer.optimizer, {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer])
+    schedulers = {"poly": torch.optim.lr_scheduler.PolynomialLR, "onecycle": torch.optim.lr_scheduler.OneCycleLR}
+    assert isinstance(trainer.scheduler, schedulers[scheduler])
     assert trainer.lr < cfg.train.lr  # the schedule decays towards its end
     assert (tmp_path / "m.pt").is_file()
 
