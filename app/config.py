@@ -162,6 +162,7 @@ class TrainConfig:
     synthetic_seed: int = 1000  # first synthetic training sequence seed; the following ones are used too
     synthetic_sequences: int = 8  # synthetic training sequences (seeds synthetic_seed + i)
     synthetic_val_sequences: int = 1  # synthetic validation sequences (the seeds after the training ones)
+    synthetic_endless: bool = False  # fresh training sequences every epoch (an endless seeded stream)
 
 
 @dataclass(frozen=True)

@@ -318,21 +318,38 @@ class SyntheticFrames:
     Deterministic: the same seeds give the same frames. With ``cache`` every frame is rendered once and
     kept in memory (about 2 bytes per pixel); without, it is rendered on each access (about 10 ms for
     512×512), so many seeds cost no memory.
+
+    ``endless`` makes an unbounded, seeded stream: :meth:`set_epoch` moves to new sequences every epoch
+    (seed ``s + epoch * ENDLESS_SEED_STRIDE`` for each given seed ``s``; epoch 0 is the seeds given), so
+    no frame is seen twice. Frames are then rendered on access, never cached.
     """
 
-    def __init__(self, cfg: SynthConfig, seeds: Sequence[int], cache: bool = True) -> None:
+    ENDLESS_SEED_STRIDE = 1_000_003  # epochs never reach the small seeds used for held-out evaluation
+
+    def __init__(self, cfg: SynthConfig, seeds: Sequence[int], cache: bool = True, endless: bool = False) -> None:
         if not seeds:
             raise DatasetError("synthetic data needs at least one seed")
         self.cfg = cfg
+        self.base_seeds = list(seeds)
         self.seeds = list(seeds)
+        self.endless = endless
         self._sequences: dict[int, InterferogramSequence] = {}
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache and not endless else None
         if self._cache is not None:
             for index in range(len(self)):
                 self._cache[index] = self._render(index)
 
     def __len__(self) -> int:
         return len(self.seeds) * self.cfg.frames
+
+    def set_epoch(self, epoch: int) -> None:
+        """Endless streams: use this epoch's sequences (no-op for a fixed set of seeds)."""
+        if not self.endless:
+            return
+        seeds = [seed + epoch * self.ENDLESS_SEED_STRIDE for seed in self.base_seeds]
+        if seeds != self.seeds:
+            self.seeds = seeds
+            self._sequences.clear()
 
     def _render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         seed = self.seeds[index // self.cfg.frames]
@@ -403,8 +420,15 @@ class SegmentationDataset(Dataset):
         self._preprocessors = self._build_preprocessors()
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the augmentation draw of this epoch (deterministic per seed, epoch and index)."""
+        """Choose the augmentation draw of this epoch (deterministic per seed, epoch and index); an
+        endless synthetic source also moves to this epoch's sequences."""
         self.epoch = epoch
+        set_frames_epoch = getattr(self.frames, "set_epoch", None)
+        if set_frames_epoch is not None:
+            first_sequence = self.frames.sequence(0)
+            set_frames_epoch(epoch)
+            if self.settings.background != "none" and self.frames.sequence(0) != first_sequence:
+                self._preprocessors = self._build_preprocessors()
 
     def __len__(self) -> int:
         return len(self.frames)

@@ -142,7 +142,7 @@ def build_datasets(cfg: Config, data: str | None) -> tuple[SegmentationDataset, 
     settings = preprocess_settings(cfg)
     if data is None:
         train_seeds, val_seeds = synthetic_seeds(cfg)
-        train_frames = SyntheticFrames(cfg.synth, train_seeds)
+        train_frames = SyntheticFrames(cfg.synth, train_seeds, endless=train.synthetic_endless)
         val_frames = SyntheticFrames(cfg.synth, val_seeds) if val_seeds else None
     else:
         train_samples, val_samples = split_samples(find_samples(Path(data)), train.val_fraction, train.split,

@@ -190,6 +190,26 @@ def test_synthetic_frames_are_deterministic_and_cacheable():
         cached.load(6)
 
 
+def test_endless_synthetic_stream_moves_to_new_sequences_every_epoch():
+    endless = SyntheticFrames(TINY_SYNTH, seeds=[5, 6], endless=True)
+    fixed = SyntheticFrames(TINY_SYNTH, seeds=[5, 6])
+    np.testing.assert_array_equal(endless.load(1)[0], fixed.load(1)[0])  # epoch 0 = the given seeds
+    settings = PreprocessSettings(background="first_n_mean", background_frames=2,
+                                  normalization=(("mode", "none"),))
+    dataset = SegmentationDataset(endless, settings, num_classes=2)
+    dataset.set_epoch(3)
+    stride = SyntheticFrames.ENDLESS_SEED_STRIDE
+    assert endless.sequence(4) == f"seed{6 + 3 * stride}"
+    epoch3 = SyntheticFrames(TINY_SYNTH, seeds=[5 + 3 * stride, 6 + 3 * stride])
+    np.testing.assert_array_equal(endless.load(1)[0], epoch3.load(1)[0])
+    assert not np.array_equal(endless.load(1)[0], fixed.load(1)[0])
+    # background estimate follows the new sequences, not the ones of epoch 0
+    background = np.mean([epoch3.load(i)[0] / 255.0 for i in range(2)], axis=0)
+    np.testing.assert_allclose(dataset[1][0][0].numpy(), epoch3.load(1)[0] / 255.0 - background, atol=1e-6)
+    fixed.set_epoch(3)
+    assert fixed.sequence(0) == "seed5"
+
+
 def test_workers_give_the_same_batches():
     dataset = SegmentationDataset(SyntheticFrames(TINY_SYNTH, seeds=[1]), PreprocessSettings(), 2,
                                   Augmentation(crop=(32, 32), flip=True), seed=7)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from app.config import Config, replace
+from app.datasets import SyntheticFrames
 from app.train import RunSpec, Trainer, TrainError, _StopFlag, epoch_order, main
 from models import load_checkpoint
 
@@ -53,6 +54,16 @@ def test_tiny_training_lowers_the_loss(tmp_path):
     losses = [row["train_loss"] for row in trainer.history]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_endless_synthetic_training_sees_new_sequences_each_epoch(tmp_path):
+    cfg = tiny_config(epochs=2, synthetic_endless=True)
+    trainer = Trainer(cfg, RunSpec(None, str(tmp_path / "m.pt")))
+    trainer.fit()
+    train_frames = trainer.train_set.frames
+    assert train_frames.endless and train_frames.sequence(0) == f"seed{1000 + SyntheticFrames.ENDLESS_SEED_STRIDE}"
+    assert trainer.val_set.dataset.frames.sequence(0) == "seed1001"  # validation stays fixed
+    assert len(trainer.history) == 2
 
 
 def global_rng_states() -> tuple:
