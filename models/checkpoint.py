@@ -13,6 +13,7 @@ from __future__ import annotations
 import colorsys
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from models.registry import build_model
 FORMAT = "cellseg-checkpoint"
 VERSION = 1
 NORMALIZATION_MODES = ("standardize", "mean_std", "none")
+# torch.load's weights-only refusal is a page of advice; the actual reason follows this marker.
+_WEIGHTS_ONLY_REASON = "WeightsUnpickler error:"
 
 # Background black, then colours that stay apart on gray microscopy frames.
 _BASE_PALETTE = ((0, 0, 0), (0, 220, 0), (230, 25, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
@@ -178,8 +181,16 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, options: d
 
 
 def _first_line(exc: BaseException) -> str:
+    """The gist of an exception message: its first line, plus the next one when the first is only a header
+    ("Error(s) in loading state_dict for ICNet:"); for torch.load's weights-only refusal, the reason itself
+    (e.g. "Unsupported global: GLOBAL models.fcn.FCNResNet" for a whole pickled model)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    if _WEIGHTS_ONLY_REASON in text:
+        return text.split(_WEIGHTS_ONLY_REASON, 1)[1].strip().splitlines()[0].split(" was not an allowed")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
 
 
 def load_checkpoint(path: str | Path, num_classes: int | None = None,
@@ -193,10 +204,13 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None,
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # Foreign pickles make torch.load warn about their protocol; the error below says what matters.
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch.load raises many types for corrupt files; the message is what matters
-        raise CheckpointError(f"{path}: cannot read checkpoint, file truncated or corrupt? ({_first_line(exc)})") \
-            from None
+        raise CheckpointError(f"{path}: cannot read checkpoint: truncated, corrupt or not a {FORMAT} file "
+                              f"({_first_line(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
             raise CheckpointError(f"{path}: a plain state_dict, not a {FORMAT} file (it records no architecture; "

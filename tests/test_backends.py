@@ -70,11 +70,35 @@ def test_onnx_graph_without_labels_output_falls_back_to_host_argmax(weights: Pat
     np.testing.assert_array_equal(backend.predict(batch), TorchBackend(model, device="cpu").predict(batch))
 
 
-def test_onnx_uses_the_cpu_alone_without_a_gpu() -> None:
+def test_onnx_uses_the_cpu_alone_without_a_gpu(onnx_file: Path, capfd: pytest.CaptureFixture[str]) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present; the CPU-only provider list does not apply")
     assert onnx_providers("auto") == ["CPUExecutionProvider"]
     assert onnx_providers("cpu") == ["CPUExecutionProvider"]
+    capfd.readouterr()
+    backend = OnnxBackend(onnx_file, device="auto")
+    backend.predict(_batch())
+    assert backend.device == "cpu" and backend.name == "onnx cpu"
+    # A GPU build of ONNX Runtime asked for CUDA/TensorRT without a GPU prints "EP Error" blocks to stderr.
+    assert capfd.readouterr().err == ""
+
+
+GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(("gpu", "available", "expected"), [
+    (True, GPU_PROVIDERS, GPU_PROVIDERS),
+    (True, ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (True, ["CPUExecutionProvider"], ["CPUExecutionProvider"]),
+    (False, GPU_PROVIDERS, ["CPUExecutionProvider"]),
+])
+def test_onnx_provider_preference(monkeypatch: pytest.MonkeyPatch, gpu: bool, available: list[str],
+                                  expected: list[str]) -> None:
+    import onnxruntime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(reversed(available)))
+    assert onnx_providers("auto") == expected
 
 
 def test_create_backend_exports_next_to_the_weights_when_missing_or_stale(tmp_path: Path, weights: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,33 @@ def test_bad_files_raise_checkpoint_error(kind: str, tmp_path: Path, saved: tupl
         load_checkpoint(path)
     message = str(error.value)
     assert str(path) in message and "\n" not in message
+
+
+@pytest.mark.parametrize("kind", ["pickled_model", "plain_pickle"])
+def test_foreign_pickles_are_refused_with_the_reason_and_no_warning(
+        kind: str, tmp_path: Path, saved: tuple[Path, torch.nn.Module], recwarn: pytest.WarningsRecorder) -> None:
+    path = tmp_path / f"{kind}.pt"
+    if kind == "pickled_model":
+        torch.save(saved[1], path)  # a whole model: loading it would run arbitrary code, so it is refused
+    else:
+        path.write_bytes(pickle.dumps({"epoch": 3}, protocol=pickle.HIGHEST_PROTOCOL))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "not a cellseg-checkpoint file" in message and "\n" not in message and len(message) < 300
+    if kind == "pickled_model":
+        assert "models.icnet.ICNet" in message
+    assert not recwarn.list
+
+
+def test_weights_that_do_not_fit_the_recorded_options_name_the_tensor(
+        tmp_path: Path, saved: tuple[Path, torch.nn.Module]) -> None:
+    payload = torch.load(saved[0], weights_only=True)
+    payload["meta"]["options"]["width"] = 0.25
+    path = tmp_path / "edited.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"weights do not fit 'icnet' .*size mismatch for backbone\."):
+        load_checkpoint(path)
 
 
 def test_wrong_class_count_is_named(saved: tuple[Path, torch.nn.Module]) -> None:

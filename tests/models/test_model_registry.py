@@ -42,13 +42,15 @@ def test_eval_output_has_input_size(tiny_model: tuple[torch.nn.Module, int], siz
     assert torch.isfinite(logits).all()
 
 
-def test_train_outputs_and_gradients(tiny_model: tuple[torch.nn.Module, int]) -> None:
+@pytest.mark.parametrize("size", [(64, 64), (70, 90)])
+def test_train_outputs_and_gradients(tiny_model: tuple[torch.nn.Module, int], size: tuple[int, int]) -> None:
     model, channels = tiny_model
     model.train()
-    outputs = model(torch.randn(2, channels, 64, 64))
+    outputs = model(torch.randn(2, channels, *size))
     assert isinstance(outputs, dict)
-    assert outputs["out"].shape == (2, 3, 64, 64)
+    assert outputs["out"].shape == (2, 3, *size)
     assert set(model.default_loss_weights) <= set(outputs)
+    assert all(torch.isfinite(output).all() for output in outputs.values())
     loss = sum(weight * outputs[name].square().mean() for name, weight in model.default_loss_weights.items())
     model.zero_grad()
     loss.backward()
