@@ -127,6 +127,7 @@ class TrainConfig:
     model: str = "icnet"  # registered model name
     backbone: str = "resnet18"  # backbone for ICNet / ResNet FCNs
     width: float = 0.5  # ICNet channel multiplier
+    backbone_weights: str = ""  # torchvision ImageNet state_dict file loaded into the backbone ("" = none)
     in_channels: int = 1  # 1 = grayscale, 3 = RGB
     num_classes: int = 2
     class_names: tuple[str, ...] = ("background", "cell")

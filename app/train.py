@@ -50,6 +50,7 @@ from app.losses import LossError, build_loss, cascade_weights
 from app.metrics import ConfusionMatrix, json_safe
 from app.preprocess import PreprocessError, PreprocessSettings, recipe
 from models import CheckpointError, ModelError, build_model, list_models, model_options, save_checkpoint
+from models.backbones import load_backbone_weights
 from models.losses import MultiOutputLoss
 
 STATE_FORMAT = "cellseg-train-state"
@@ -226,7 +227,8 @@ class Trainer:
     Seeds python, numpy and torch from ``cfg.train.seed`` (the global RNGs, restored on resume).
     """
 
-    def __init__(self, cfg: Config, run: RunSpec, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: Config, run: RunSpec, device: torch.device | None = None,
+                 load_backbone: bool = True) -> None:
         train = cfg.train
         if train.optimizer not in OPTIMIZERS:
             raise TrainError(f"unknown optimizer '{train.optimizer}'; valid: {', '.join(OPTIMIZERS)}")
@@ -249,7 +251,10 @@ class Trainer:
         self.steps_per_epoch = train.steps_per_epoch or math.ceil(len(self.train_set) / train.batch_size)
         self.options = model_options_for(cfg, train.model)
         self.model = build_model(train.model, num_classes=train.num_classes, in_channels=train.in_channels,
-                                 **self.options).to(self.device)
+                                 **self.options)
+        if train.backbone_weights and load_backbone:
+            load_backbone_weights(self.model.backbone, train.backbone_weights)
+        self.model = self.model.to(self.device)
         base_loss = build_loss(train.loss, class_weights=train.class_weights or None,
                                asl_gamma_pos=train.asl_gamma_pos, asl_gamma_neg=train.asl_gamma_neg,
                                asl_clip=train.asl_clip, asl_activation=train.asl_activation)
@@ -431,7 +436,7 @@ class Trainer:
             run = RunSpec(**state["run"])
         except (ConfigError, TypeError) as exc:
             raise TrainError(f"{path}: unusable training state ({exc})") from None
-        trainer = cls(cfg, run, device)
+        trainer = cls(cfg, run, device, load_backbone=False)  # the state holds every weight
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         if trainer.scheduler is not None:
@@ -475,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, help="train.lr")
     parser.add_argument("--steps-per-epoch", type=int, metavar="N", help="train.steps_per_epoch")
     parser.add_argument("--seed", type=int, help="train.seed")
+    parser.add_argument("--backbone-weights", metavar="FILE",
+                        help="torchvision ImageNet checkpoint (state_dict .pth you downloaded) to start the "
+                             "backbone from; needs width 1 (train.backbone_weights)")
     parser.add_argument("--out", metavar="FILE.pt", help="best checkpoint (default weights/MODEL.pt)")
     parser.add_argument("--resume", metavar="STATE", help="continue a run from its NAME.last.pt (its own settings)")
     add_config_arguments(parser)
@@ -483,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-             "steps_per_epoch": args.steps_per_epoch, "seed": args.seed}
+             "steps_per_epoch": args.steps_per_epoch, "seed": args.seed,
+             "backbone_weights": args.backbone_weights}
     return {key: value for key, value in flags.items() if value is not None}
 
 

@@ -13,6 +13,7 @@ from app.config import Config, replace
 from app.datasets import SyntheticFrames
 from app.train import RunSpec, Trainer, TrainError, _StopFlag, epoch_order, main
 from models import load_checkpoint
+from models.backbones import build_resnet
 
 RNG = np.random.default_rng(0)
 
@@ -175,6 +176,38 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def _torchvision_resnet18_file(path):
+    """A stand-in for torchvision's resnet18 ImageNet file: torchvision key names, RGB conv1, fc."""
+    state = {k: v for k, v in build_resnet("resnet18", in_channels=3).state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    state.update({"fc.weight": torch.randn(1000, 512), "fc.bias": torch.zeros(1000)})
+    torch.save(state, path)
+    return state
+
+
+def test_backbone_weights_start_training_and_are_not_needed_to_resume(tmp_path):
+    torch.manual_seed(3)
+    path = tmp_path / "resnet18-imagenet.pth"
+    state = _torchvision_resnet18_file(path)
+    cfg = tiny_config(width=1.0, epochs=1, steps_per_epoch=1, max_val_frames=1, backbone_weights=str(path))
+    trainer = Trainer(cfg, RunSpec(None, str(tmp_path / "m.pt")))
+    loaded = trainer.model.backbone.state_dict()
+    torch.testing.assert_close(loaded["layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
+    torch.testing.assert_close(loaded["conv1.weight"], state["conv1.weight"].sum(dim=1, keepdim=True))
+    trainer.fit()
+    path.unlink()
+    resumed = Trainer.resume(tmp_path / "m.last.pt")
+    torch.testing.assert_close(resumed.model.state_dict(), trainer.model.state_dict())
+
+
+def test_cli_backbone_weights_for_another_width_is_one_line(tmp_path, capsys):
+    path = tmp_path / "resnet18-imagenet.pth"
+    _torchvision_resnet18_file(path)
+    assert main(["--synthetic", *TINY_FLAGS, "--backbone-weights", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "width=1" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
 
 
 def test_cli_missing_mask_is_exit_2(tmp_path, capsys):
