@@ -197,7 +197,7 @@ def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, A
         rows = [r for r in (result.get("stages") or {}).get("results", [])
                 if r["stage"] == stage and "1 core" in r["variant"] and r["size"] == one_core]
         if rows:
-            ms = rows[0]["ms_per_frame"]
+            ms = max(r["ms_per_frame"] for r in rows)  # the slowest variant (metrics: uint8 and int64 labels)
             targets.append({"name": f"{what}, {one_core}² frame, one CPU core: ms per frame",
                             "measured": round(ms, 3), "required": f"< {ONE_CORE_MS_TARGET}",
                             "met": ms < ONE_CORE_MS_TARGET})

@@ -260,7 +260,10 @@ def _one_core_rows(ctx: Context, renderer: OverlayRenderer, size: int) -> list[d
                          repeat_rate(overlay_runner(renderer, frames.images, frames.labels), bench.repeats,
                                      bench.warmup)))
         ctx.log(f"stages: metrics {size}², one core")
-        rate = repeat_rate(lambda: stamp_each(pairs, lambda pair: matrix.update(*pair)), bench.repeats,
-                           bench.warmup)
-        rows.append(_row("metrics", "ConfusionMatrix.update, 1 core", size, rate))
+        # uint8 labels as the pipeline's masks, int64 as torch's argmax gives them
+        for dtype, label_pairs in (("uint8", pairs), ("int64", [(p.astype(np.int64), t.astype(np.int64))
+                                                               for p, t in pairs])):
+            rate = repeat_rate(lambda label_pairs=label_pairs: stamp_each(label_pairs, lambda pair: matrix.update(*pair)),
+                               bench.repeats, bench.warmup)
+            rows.append(_row("metrics", f"ConfusionMatrix.update, {dtype} labels, 1 core", size, rate))
     return rows

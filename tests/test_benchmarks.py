@@ -209,7 +209,8 @@ def test_quick_run_writes_every_promised_key(smoke_run: tuple[Path, dict, str]) 
 
     stages = {(r["stage"], r["variant"]) for r in result["stages"]["results"]}
     assert ("writer", "gif") in stages and ("overlay", "fill + outlines + HUD") in stages
-    assert {("overlay", "fill + outlines + HUD, 1 core"), ("metrics", "ConfusionMatrix.update, 1 core")} <= stages
+    assert {("overlay", "fill + outlines + HUD, 1 core"), ("metrics", "ConfusionMatrix.update, uint8 labels, 1 core"),
+            ("metrics", "ConfusionMatrix.update, int64 labels, 1 core")} <= stages
     inference = [r for r in result["stages"]["results"] if r["stage"] == "inference"]
     assert {(r["backend"], r["batch"]) for r in inference} == {("torch", 1), ("torch", 2), ("onnx", 1), ("onnx", 2)}
     assert all(r["fps"] > 0 for r in result["stages"]["results"])
