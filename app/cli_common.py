@@ -35,23 +35,29 @@ log = logging.getLogger("app")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (exit 2); imported lazily so ``--help`` stays fast."""
+    """Exceptions that mean bad input (exit 2).
+
+    The model-side types are taken only from modules already imported: one never imported cannot
+    have raised, and importing it here would load PyTorch (seconds) just to report a bad source.
+    """
     errors: tuple[type[BaseException], ...] = (ConfigError, SourceError, SinkError, PreprocessError,
                                                FileNotFoundError)
-    try:
-        from app.backends import BackendError
-        from models import CheckpointError, ModelError
-    except ImportError:  # a broken install is reported as it is, not hidden by this lookup
-        return errors
-    return (*errors, CheckpointError, ModelError, BackendError)
+    model_side = [getattr(sys.modules.get(module), name, None)
+                  for module, name in (("app.backends", "BackendError"), ("models", "CheckpointError"),
+                                       ("models", "ModelError"))]
+    return (*errors, *(error for error in model_side if isinstance(error, type)))
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Plain ``level: message`` lines on stderr; OpenCV's own warnings silenced (its errors kept)."""
+    """Plain ``level: message`` lines on stderr. OpenCV's and FFmpeg's own log lines are silenced unless
+    ``verbose``: every failure they report also reaches us as a return value or exception and is
+    reported once, in our words ("skipping unreadable image ...", "stream ... could not be opened")."""
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s: %(message)s")
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_INFO if verbose
-                                  else cv2.utils.logging.LOG_LEVEL_ERROR)
+                                  else cv2.utils.logging.LOG_LEVEL_SILENT)
+    if not verbose:  # read by OpenCV when it first opens a video through FFmpeg; -8 = AV_LOG_QUIET
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 
 def display_available() -> tuple[bool, str]:

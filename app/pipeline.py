@@ -6,10 +6,14 @@ Stages, each in its own thread, joined by bounded queues of ``pipeline.queue_siz
 
 Policies:
 
-* A live source (camera, stream, paced synthetic) never waits: when the queue after it is full the
-  oldest frame is discarded and counted (``frames_dropped`` of the ``source`` stage), so latency stays
-  bounded. A file source blocks instead, so no frame is ever lost. Queues between the later stages
-  always block (backpressure).
+* A live source (camera, stream, paced synthetic) never waits: when the queue after the source or the
+  one after preprocessing is full, the oldest frame in it is discarded and counted (``dropped`` of the
+  ``source`` / ``preprocess`` stage). The queue in front of the model then holds only one batch, so
+  stale frames cannot pile up there and latency stays at about one model call plus ``batch_size``
+  source frame intervals. A file source blocks instead, so no frame is ever lost. Queues after
+  inference always block (backpressure).
+* The source delivers its first frame and then waits until the backend has warmed up on it: frames
+  captured during the warm-up would only queue up and make the first latencies and the fps meaningless.
 * End of stream is the :data:`~app.sources.END_OF_STREAM` marker, forwarded by every stage.
 * An exception in any stage sets the stop event; every queue operation waits at most 50 ms between
   checks of it, every join has a timeout, and :meth:`Pipeline.run` raises :class:`PipelineError`
@@ -211,11 +215,15 @@ class Pipeline:
         self.progress = progress
         size = max(1, self.settings.queue_size)
         self._queues: dict[str, queue.Queue[Any]] = {name: queue.Queue(maxsize=size) for name in STAGES[1:]}
+        if source.live:
+            # Each frame waiting in front of the model adds a frame interval of latency: keep one batch.
+            self._queues["inference"] = queue.Queue(maxsize=min(size, max(1, self.settings.batch_size)))
         self._display_queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=1)
         self.stats = {name: StageStats(name) for name in STAGES}
         self._output = _Output()
         self._stop = threading.Event()
         self._finished = threading.Event()
+        self._warm = threading.Event()
         self._lock = threading.Lock()
         self._failure: PipelineError | None = None
         self._current: dict[str, int | None] = dict.fromkeys(STAGES)
@@ -254,7 +262,12 @@ class Pipeline:
 
     def frames_dropped(self) -> int:
         """Frames dropped so far (queue drops plus drops inside the source); safe to call any time."""
-        return self.stats["source"].frames_dropped + self.source.frames_dropped
+        return sum(stats.frames_dropped for stats in self.stats.values()) + self.source.frames_dropped
+
+    def _wait_until_warm(self) -> None:
+        while not self._warm.wait(_POLL_S):
+            if self._stop.is_set():
+                raise Stopped
 
     # -- stages ---------------------------------------------------------------------------------------
     def _run_stage(self, name: str, body: Callable[[], None]) -> None:
@@ -301,11 +314,14 @@ class Pipeline:
                 self._put_newest(target, item, stats)
             else:
                 self._put(target, item)
+            if count == 1:
+                self._wait_until_warm()
         self._put(target, END_OF_STREAM)
 
     def _preprocess_stage(self) -> None:
         stats = self.stats["preprocess"]
         target = self._queues["inference"]
+        live = self.source.live
         while True:
             frame = self._get("preprocess")
             if isinstance(frame, EndOfStream):
@@ -314,7 +330,10 @@ class Pipeline:
             start = time.perf_counter()
             tensor = self.preprocessor(frame.image)
             stats.record(time.perf_counter() - start)
-            self._put(target, (frame, tensor))
+            if live:
+                self._put_newest(target, (frame, tensor), stats)
+            else:
+                self._put(target, (frame, tensor))
         self._put(target, END_OF_STREAM)
 
     def _inference_stage(self) -> None:
@@ -330,6 +349,7 @@ class Pipeline:
                 self._current["inference"] = items[0][0].index
                 if worker.warmup(items[0][1].shape):
                     self._output.ready_at = time.perf_counter()
+                self._warm.set()
                 start = time.perf_counter()
                 labels = worker.predict([tensor for _, tensor in items],
                                         [frame.image.shape[:2] for frame, _ in items])
@@ -557,28 +577,29 @@ def build_stages(config: Config, *, realtime: bool = True, num_classes: int | No
     The checkpoint decides channels, normalisation, class names and palette (and, with
     ``preprocess.from_checkpoint``, CLAHE/background settings). ``num_classes`` asserts the class count
     (CheckpointError otherwise). ``backend`` replaces the backend :func:`app.backends.create_backend`
-    would make. ``realtime=False`` opens the source for replay (file semantics). Raises the stage's
-    own typed errors (SourceError, CheckpointError, BackendError, SinkError, ConfigError).
+    would make. ``realtime=False`` opens the source for replay (file semantics). The source is opened
+    first, so a bad one fails in well under a second, before PyTorch is imported and the model loaded.
+    Raises the stage's own typed errors (SourceError, CheckpointError, BackendError, SinkError, ConfigError).
     """
-    from app.backends import create_backend
-    from app.preprocess import Preprocessor, settings_from
-    from models import load_checkpoint
-
-    weights = Path(config.model.weights)
-    model, meta = load_checkpoint(weights, num_classes=num_classes)
-    if backend is None:
-        backend = create_backend(config.model, model, meta, weights)
-    recorded = (meta.train_config or {}).get("preprocess")
-    preprocessor = Preprocessor(settings_from(config.preprocess, meta.in_channels, meta.normalization,
-                                              recorded if isinstance(recorded, dict) else None))
-    inference = InferenceWorker(backend, batch_size=config.pipeline.batch_size,
-                                batch_timeout_ms=config.pipeline.batch_timeout_ms,
-                                warmup_iters=config.model.warmup_iters)
-    overlay = config.overlay
-    renderer = OverlayRenderer(meta.palette, alpha=overlay.alpha, contours=overlay.contours,
-                               contour_thickness=overlay.contour_thickness, hud=overlay.hud)
     source = open_source(config.source.uri, config, realtime=realtime)
     try:
+        from app.backends import create_backend
+        from app.preprocess import Preprocessor, settings_from
+        from models import load_checkpoint
+
+        weights = Path(config.model.weights)
+        model, meta = load_checkpoint(weights, num_classes=num_classes)
+        if backend is None:
+            backend = create_backend(config.model, model, meta, weights)
+        recorded = (meta.train_config or {}).get("preprocess")
+        preprocessor = Preprocessor(settings_from(config.preprocess, meta.in_channels, meta.normalization,
+                                                  recorded if isinstance(recorded, dict) else None))
+        inference = InferenceWorker(backend, batch_size=config.pipeline.batch_size,
+                                    batch_timeout_ms=config.pipeline.batch_timeout_ms,
+                                    warmup_iters=config.model.warmup_iters)
+        overlay = config.overlay
+        renderer = OverlayRenderer(meta.palette, alpha=overlay.alpha, contours=overlay.contours,
+                                   contour_thickness=overlay.contour_thickness, hud=overlay.hud)
         sinks = open_sinks(config.output, meta.class_names)
     except BaseException:
         source.close()

@@ -7,6 +7,7 @@ input in both places. Order: channel conversion -> CLAHE -> scale to [0, 1] -> b
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -15,6 +16,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from app.config import PreprocessConfig
+
+log = logging.getLogger(__name__)
 
 BACKGROUND_METHODS = ("first_n_mean", "running_average", "mog2", "none")
 
@@ -225,7 +228,9 @@ def settings_from(config: PreprocessConfig, in_channels: int, normalization: dic
 
     ``recorded`` is the preprocessing a model was trained with (a checkpoint's
     ``train_config["preprocess"]``); with ``config.from_checkpoint`` it wins over the config's
-    CLAHE / background values, so ``--weights FILE`` alone reproduces the training input.
+    CLAHE / background values, so ``--weights FILE`` alone reproduces the training input; a value the
+    config changed from its default that the checkpoint overrides is named in a warning, so a
+    ``--set preprocess.background=mog2`` is never ignored silently.
     Channels and normalisation always come from the checkpoint; ``input_size`` from the config.
     """
     source: dict[str, Any] = {
@@ -234,6 +239,12 @@ def settings_from(config: PreprocessConfig, in_channels: int, normalization: dic
         "background_frames": config.background_frames, "background_alpha": config.background_alpha,
     }
     if config.from_checkpoint and recorded:
+        defaults = type(config)()
+        overridden = [f"{key}={source[key]} (checkpoint: {recorded[key]})" for key in source
+                      if key in recorded and source[key] not in (recorded[key], getattr(defaults, key))]
+        if overridden:
+            log.warning("the checkpoint's preprocessing wins over preprocess.%s; set "
+                        "preprocess.from_checkpoint=false to use the config's", ", ".join(overridden))
         source.update({key: recorded[key] for key in source if key in recorded})
     return PreprocessSettings(in_channels=in_channels, input_size=config.input_size,
                               normalization=tuple(sorted(normalization.items())), **source)

@@ -178,6 +178,8 @@ def _call_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> An
 class _CaptureSource(Source):
     """A live cv2.VideoCapture read by a daemon thread into a 2-slot newest-frame buffer.
 
+    The device is opened by the constructor (so a bad one fails at once); the reader thread starts at
+    the first ``read``, so no frame is captured and dropped while the rest of the pipeline is set up.
     Reading in a thread means a stalled device or network never blocks ``read(stop)``, which polls the
     buffer and checks ``stop``. A failed read triggers up to ``reconnect_attempts`` reconnects with
     exponential backoff (``reconnect_backoff_s`` doubling); a success resets the attempt count. When
@@ -197,16 +199,23 @@ class _CaptureSource(Source):
         self._halt = threading.Event()
         self._error: SourceError | None = None
         self._index = 0
-        capture = self._open()
+        self._capture: cv2.VideoCapture | None = self._open()
         self._last_activity = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, args=(capture,), name=f"read {what}", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, args=(self._capture,), name=f"read {what}",
+                                        daemon=True)
+
+    #: Extra wait beyond ``open_timeout_s`` before an open call is abandoned, for backends that enforce
+    #: the timeout themselves: they return cleanly first. An abandoned call that returns while the
+    #: interpreter exits aborts the process ("terminate called without an active exception").
+    open_grace_s = 0.0
+    open_failure_hint = "does it exist?"
 
     def _open(self) -> cv2.VideoCapture:
-        capture = _call_with_timeout(self._open_capture, self._settings.open_timeout_s, self._what)
+        capture = _call_with_timeout(self._open_capture, self._settings.open_timeout_s + self.open_grace_s,
+                                     self._what)
         if not capture.isOpened():
             capture.release()
-            raise SourceError(f"{self._what} could not be opened (does it exist?)")
+            raise SourceError(f"{self._what} could not be opened ({self.open_failure_hint})")
         return capture
 
     def _run(self, capture: cv2.VideoCapture | None) -> None:
@@ -261,6 +270,10 @@ class _CaptureSource(Source):
 
     def read(self, stop: threading.Event | None = None) -> Frame | EndOfStream:
         stall_limit = self._settings.open_timeout_s + self._settings.read_timeout_s + 1.0
+        if self._capture is not None and not self._closed:
+            self._capture = None  # the reader thread owns it from now on
+            self._last_activity = time.perf_counter()
+            self._thread.start()
         while True:
             if (stop is not None and stop.is_set()) or self._closed:
                 return END_OF_STREAM
@@ -278,7 +291,11 @@ class _CaptureSource(Source):
     def close(self) -> None:
         super().close()
         self._halt.set()
-        self._thread.join(timeout=0.5)
+        if self._capture is not None:  # never read: the reader thread was not started
+            self._capture.release()
+            self._capture = None
+        elif self._thread.ident is not None:
+            self._thread.join(timeout=0.5)
 
 
 class CameraSource(_CaptureSource):
@@ -297,6 +314,9 @@ class StreamSource(_CaptureSource):
     A lost connection is retried ``source.reconnect_attempts`` times with exponential backoff;
     ``reconnects`` counts the attempts.
     """
+
+    open_grace_s = 1.0
+    open_failure_hint = "unreachable, refused, or no answer within source.open_timeout_s"
 
     def __init__(self, url: str, settings: SourceConfig) -> None:
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(settings.open_timeout_s * 1000),

@@ -109,3 +109,16 @@ def test_checkpoint_recipe_wins_only_when_asked():
     own = settings_from(cfg_only.preprocess, 3, {"mode": "none"}, recorded)
     assert (own.clahe, own.background, own.in_channels) == (False, "none", 3)
     assert own.normalization_dict == {"mode": "none"}
+
+
+def test_a_config_choice_the_checkpoint_overrides_is_named_in_a_warning(caplog):
+    recorded = recipe(PreprocessSettings(clahe=False, background="none"))
+    asked = replace(load_config(), preprocess={"background": "mog2", "clahe": True})
+    settings = settings_from(asked.preprocess, 1, {"mode": "standardize"}, recorded)
+    assert (settings.background, settings.clahe) == ("none", False)
+    assert "background=mog2 (checkpoint: none)" in caplog.text and "clahe=True" in caplog.text
+    assert "from_checkpoint=false" in caplog.text
+    caplog.clear()
+    trained_with_clahe = recipe(PreprocessSettings(clahe=True))
+    settings_from(load_config().preprocess, 1, {"mode": "standardize"}, trained_with_clahe)
+    assert caplog.text == ""  # config defaults are no choice of the user's

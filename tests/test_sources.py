@@ -78,6 +78,7 @@ class FakeCapture:
 
     def __init__(self, count: int, fps: float = 200.0) -> None:
         self.count, self.fps, self.index = count, fps, 0
+        self.released = False
 
     def isOpened(self) -> bool:  # noqa: N802 (OpenCV's name)
         return True
@@ -90,7 +91,7 @@ class FakeCapture:
         return True, np.full((8, 8, 3), self.index, np.uint8)
 
     def release(self) -> None:
-        pass
+        self.released = True
 
 
 def test_camera_is_live_delivers_frames_and_reports_a_lost_device(monkeypatch):
@@ -102,6 +103,24 @@ def test_camera_is_live_delivers_frames_and_reports_a_lost_device(monkeypatch):
         with pytest.raises(SourceError, match="camera 0 stopped delivering frames"):
             while True:
                 camera.read()
+
+
+def test_camera_captures_nothing_before_the_first_read(monkeypatch):
+    captures: list[FakeCapture] = []
+
+    def open_capture(*args):
+        captures.append(FakeCapture(100))
+        return captures[-1]
+
+    monkeypatch.setattr(sources.cv2, "VideoCapture", open_capture)
+    with CameraSource(0, SourceConfig()) as camera:
+        time.sleep(0.1)  # the model loads meanwhile: frames read now would only be dropped
+        assert captures[0].index == 0 and camera.frames_dropped == 0
+        assert camera.read().index == 0
+    unread = CameraSource(0, SourceConfig())
+    unread.close()
+    unread.close()  # idempotent
+    assert captures[1].released and captures[1].index == 0
 
 
 def test_camera_read_returns_end_promptly_when_stopped(monkeypatch):
