@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,9 @@ from app.overlay import OverlayRenderer
 from app.preprocess import Preprocessor, PreprocessSettings
 
 PALETTE = [(0, 0, 0), (0, 255, 0)]
-VTEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "vtest.avi"
+# The real 1280×720 H.264 sample beside the checkout (../shared/data), or wherever CELLSEG_SAMPLE_VIDEO points.
+VTEST = Path(os.environ.get("CELLSEG_SAMPLE_VIDEO")
+             or Path(__file__).resolve().parents[2] / "shared" / "data" / "vtest.avi")
 
 
 class FakeBackend:

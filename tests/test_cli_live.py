@@ -209,7 +209,7 @@ def test_replay_writes_the_default_overlay_gif_without_dropping(tiny_weights, tm
     assert "sequential:" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not VTEST.exists(), reason=f"sample video {VTEST} not present")
+@pytest.mark.skipif(not VTEST.exists(), reason=f"sample video {VTEST} not present (set CELLSEG_SAMPLE_VIDEO)")
 def test_replay_of_a_real_video_to_mp4(tiny_weights, tmp_path, capsys, restore_signals):
     code = replay.main([str(VTEST), "--weights", str(tiny_weights), "--max-frames", "3",
                         "--out", str(tmp_path / "vtest.mp4")])

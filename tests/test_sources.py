@@ -180,7 +180,7 @@ def test_video_file_loop_restarts_at_the_end(tmp_path):
     assert len(frames) == 10 and [f.index for f in frames] == list(range(10))
 
 
-@pytest.mark.skipif(not VTEST.exists(), reason=f"sample video {VTEST} not present")
+@pytest.mark.skipif(not VTEST.exists(), reason=f"sample video {VTEST} not present (set CELLSEG_SAMPLE_VIDEO)")
 def test_real_h264_video_ends_by_read_failure_not_container_count():
     reference = cv2.VideoCapture(str(VTEST))
     decodable = 0
