@@ -19,7 +19,6 @@ import argparse
 import csv
 import dataclasses
 import math
-import os
 import random
 import shlex
 import signal
@@ -51,6 +50,7 @@ from app.metrics import ConfusionMatrix, json_safe
 from app.preprocess import PreprocessError, PreprocessSettings, recipe
 from models import CheckpointError, ModelError, build_model, list_models, model_options, save_checkpoint
 from models.backbones import load_backbone_weights
+from models.checkpoint import atomic_save
 from models.losses import MultiOutputLoss
 
 STATE_FORMAT = "cellseg-train-state"
@@ -196,16 +196,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                          "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]})
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -409,7 +399,7 @@ class Trainer:
 
     def save_last(self) -> None:
         """The complete training state (for ``--resume``), written atomically."""
-        _atomic_save({
+        atomic_save({
             "format": STATE_FORMAT, "version": STATE_VERSION,
             "config": dataclasses.asdict(self.cfg), "run": dataclasses.asdict(self.run),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -168,7 +168,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, options: d
         "normalization": normalization, "train_config": train_config or {}, "metrics": metrics or {},
         "extra": extra or {},
     })
-    payload = {"format": FORMAT, "version": VERSION, "state_dict": state_dict, "meta": meta.to_dict()}
+    atomic_save({"format": FORMAT, "version": VERSION, "state_dict": state_dict, "meta": meta.to_dict()}, path)
+    return meta
+
+
+def atomic_save(payload: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to a temporary name beside ``path``, then rename: a reader (or a crash mid-write)
+    never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -177,7 +183,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, options: d
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    return meta
 
 
 def _first_line(exc: BaseException) -> str:
