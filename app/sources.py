@@ -200,6 +200,7 @@ class _CaptureSource(Source):
         self._error: SourceError | None = None
         self._index = 0
         self._capture: cv2.VideoCapture | None = self._open()
+        self._ends_at_read_failure = False  # True for a finite recording: a failed read is its end
         self._last_activity = time.perf_counter()
         self._thread = threading.Thread(target=self._run, args=(self._capture,), name=f"read {what}",
                                         daemon=True)
@@ -248,6 +249,8 @@ class _CaptureSource(Source):
                 if not ok or image is None:
                     capture.release()
                     capture = None
+                    if self._ends_at_read_failure and self._index > 0:
+                        return  # end of the recording: read() reports END_OF_STREAM once drained
                     continue
                 attempts = 0
                 self._push(self._frame(self._index, image, self._last_activity))
@@ -284,7 +287,10 @@ class _CaptureSource(Source):
             if self._error is not None:
                 raise self._error
             if not self._thread.is_alive():
-                return END_OF_STREAM
+                try:  # a last frame pushed just before the reader ended
+                    return self._buffer.get_nowait()
+                except queue.Empty:
+                    return END_OF_STREAM
             if time.perf_counter() - self._last_activity > stall_limit:
                 raise SourceError(f"{self._what}: no response for {stall_limit:g} s")
 
@@ -312,7 +318,9 @@ class StreamSource(_CaptureSource):
     """A network stream (rtsp://, http://, …) through FFmpeg with open/read timeouts. Live.
 
     A lost connection is retried ``source.reconnect_attempts`` times with exponential backoff;
-    ``reconnects`` counts the attempts.
+    ``reconnects`` counts the attempts. A recording served over the network (a container that
+    declares its frame count, e.g. ``http://host/run.mp4``) instead ends at its first failed read, as a
+    video file does; live streams (RTSP, MJPEG, HLS) declare none.
     """
 
     open_grace_s = 1.0
@@ -324,6 +332,8 @@ class StreamSource(_CaptureSource):
         info = SourceInfo(url, "stream", live=True)
         super().__init__(info, f"stream {url}", lambda: cv2.VideoCapture(url, cv2.CAP_FFMPEG, params),
                          settings, reconnect_attempts=settings.reconnect_attempts)
+        declared = self._capture.get(cv2.CAP_PROP_FRAME_COUNT)  # live streams: 0 or a negative sentinel
+        self._ends_at_read_failure = 0 < declared < 2**31
 
 
 class VideoFileSource(Source):

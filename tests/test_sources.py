@@ -204,25 +204,50 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _MjpegCameraHandler(http.server.BaseHTTPRequestHandler):
+    """An IP camera's MJPEG stream (multipart JPEGs, no frame count) that drops the connection after
+    ``frames_per_connection`` frames, as a flaky network does."""
+
+    frames_per_connection = 6
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.end_headers()
+        for index in range(self.frames_per_connection):
+            ok, jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), 30 * index, np.uint8))
+            self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg))
+            self.wfile.write(jpeg.tobytes() + b"\r\n")
+
+
+def _serve(handler) -> tuple[http.server.ThreadingHTTPServer, str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 @pytest.fixture
 def http_server(tmp_path):
+    """(server, url of a 6-frame MP4 recording, url of a live MJPEG camera that drops every 6 frames)."""
     write_video(tmp_path / "stream.mp4", 6)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler,
-                                                                               directory=str(tmp_path)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, f"http://127.0.0.1:{server.server_address[1]}/stream.mp4"
-    server.shutdown()
-    server.server_close()
+    files, files_url = _serve(functools.partial(_QuietHandler, directory=str(tmp_path)))
+    camera, camera_url = _serve(_MjpegCameraHandler)
+    yield camera, f"{files_url}/stream.mp4", f"{camera_url}/live"
+    for server in (files, camera):
+        server.shutdown()
+        server.server_close()
 
 
 def test_stream_reconnects_with_backoff_and_gives_up_with_a_clear_error(http_server):
-    server, url = http_server
+    server, _, url = http_server
     settings = SourceConfig(open_timeout_s=2.0, read_timeout_s=2.0, reconnect_attempts=2, reconnect_backoff_s=0.05)
     source = open_source(url, replace(Config(), source=vars(settings)))
     assert isinstance(source, StreamSource) and source.live and source.info.kind == "stream"
     try:
-        frames = [source.read() for _ in range(9)]  # more than the 6 the server holds: one reconnect
+        frames = [source.read() for _ in range(9)]  # more than one connection delivers: a reconnect
         assert all(f.image.shape == (48, 64, 3) for f in frames)
         assert source.reconnects >= 1
         server.shutdown()
@@ -232,6 +257,20 @@ def test_stream_reconnects_with_backoff_and_gives_up_with_a_clear_error(http_ser
             while True:
                 source.read()
         assert time.perf_counter() - start < 5.0
+    finally:
+        source.close()
+
+
+def test_recording_over_http_ends_at_its_last_frame_without_reconnecting(http_server):
+    _, url, _ = http_server
+    source = open_source(url, replace(Config(), source={"reconnect_attempts": 3, "reconnect_backoff_s": 0.05}))
+    try:
+        frames = []
+        start = time.perf_counter()
+        while not isinstance(frame := source.read(), EndOfStream):
+            frames.append(frame)
+            assert time.perf_counter() - start < 5.0
+        assert len(frames) + source.frames_dropped == 6 and source.reconnects == 0
     finally:
         source.close()
 
