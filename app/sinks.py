@@ -102,7 +102,10 @@ class VideoSink:
         raise SinkError(f"cannot open a video writer for {self.path} (tried codecs {', '.join(self.fourccs)})")
 
     def write(self, item: Rendered) -> None:
-        image = item.overlay
+        self.write_image(item.overlay)
+
+    def write_image(self, image: np.ndarray) -> None:
+        """Append one H×W×3 uint8 BGR image."""
         if self._writer is None:
             self._size = (image.shape[1], image.shape[0])
             self._writer = self._open(self._size)

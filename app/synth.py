@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import cv2
 import numpy as np
 
 from app.config import ConfigError, SynthConfig, add_config_arguments, config_from_args, replace
+from app.sinks import VideoSink
 
 MIN_SIZE = 32
 BACKGROUND, CELL, IGNORE = 0, 1, 255
@@ -488,20 +488,12 @@ class InterferogramSequence:
         }
 
 
-def _video_writer(path: Path, fps: float, size: int) -> tuple[cv2.VideoWriter, Path]:
-    # The container follows the extension, so the temporary name keeps ".mp4".
-    partial = path.with_name(f".{path.stem}.partial.mp4")
-    writer = cv2.VideoWriter(str(partial), cv2.VideoWriter.fourcc(*"mp4v"), fps, (size, size), False)
-    if not writer.isOpened():
-        raise OSError(f"cannot open video writer for {path}")
-    return writer, partial
-
-
 def write_sequence(seq: InterferogramSequence, out_dir: Path, video: Path | None = None, fps: float = 25.0,
                    progress: bool = False) -> None:
     """Write ``out_dir/images/NNNNNN.png``, ``out_dir/masks/NNNNNN.png``, ``out_dir/meta.json`` and
-    optionally an MP4 (8-bit gray, mp4v). The MP4 is written under a temporary name and renamed when
-    finished, also on error or Ctrl-C, so the file on disk is always playable. Numbered frames left in
+    optionally a video (8-bit, the pipeline's :class:`~app.sinks.VideoSink`: mp4v or the first codec
+    that opens). The video is written under a temporary name and renamed when finished, also on error
+    or Ctrl-C, so the file on disk is always playable. Numbered frames left in
     ``images``/``masks`` by an earlier, longer sequence are deleted, so the folders hold this sequence only."""
     images, masks = out_dir / "images", out_dir / "masks"
     for folder in (images, masks):
@@ -510,7 +502,7 @@ def write_sequence(seq: InterferogramSequence, out_dir: Path, video: Path | None
             if int(stale.stem) >= len(seq):
                 stale.unlink()
     (out_dir / "meta.json").write_text(json.dumps(seq.meta(), indent=2) + "\n")
-    writer, partial = _video_writer(video, fps, seq.cfg.size) if video is not None else (None, None)
+    writer = VideoSink(video, fps) if video is not None else None
     try:
         for frame in seq:
             name = f"{frame.index:06d}.png"
@@ -518,15 +510,15 @@ def write_sequence(seq: InterferogramSequence, out_dir: Path, video: Path | None
                 if not cv2.imwrite(str(folder / name), array):
                     raise OSError(f"cannot write {folder / name}")
             if writer is not None:
-                writer.write(frame.image if frame.image.dtype == np.uint8 else (frame.image >> 8).astype(np.uint8))
+                gray = frame.image if frame.image.dtype == np.uint8 else (frame.image >> 8).astype(np.uint8)
+                writer.write_image(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
             if progress:
                 print(f"\rframe {frame.index + 1}/{len(seq)}", end="", file=sys.stderr, flush=True)
     finally:
         if progress:
             print(file=sys.stderr)
         if writer is not None:
-            writer.release()
-            os.replace(partial, video)
+            writer.close()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -545,7 +537,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", metavar="S", type=int, help=f"frame side in pixels, >= {MIN_SIZE} (default: synth.size)")
     parser.add_argument("--seed", metavar="K", type=int, help="random seed; same seed, same sequence (default: synth.seed)")
     parser.add_argument("--bit-depth", metavar="8|16", type=int, help="8- or 16-bit PNG images (default: synth.bit_depth)")
-    parser.add_argument("--video", metavar="FILE.mp4", type=Path, help="also write the frames as an MP4 (mp4v, 8-bit gray)")
+    parser.add_argument("--video", metavar="FILE.mp4", type=Path, help="also write the frames as a video (.mp4 with mp4v, or .avi; 8-bit)")
     parser.add_argument("--fps", metavar="F", type=float, help="frame rate stored in the MP4 (default: output.video_fps)")
     add_config_arguments(parser)
     return parser

@@ -122,8 +122,9 @@ def run_cli(repo_root, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60)
 
 
-def test_cli_writes_images_masks_meta_and_video(repo_root, tmp_path):
-    out, video = tmp_path / "seq", tmp_path / "seq.mp4"
+@pytest.mark.parametrize("container", ["mp4", "avi"])
+def test_cli_writes_images_masks_meta_and_video(repo_root, tmp_path, container):
+    out, video = tmp_path / "seq", tmp_path / f"seq.{container}"
     result = run_cli(repo_root, "--out", str(out), "--frames", "3", "--size", "64", "--seed", "5",
                      "--video", str(video), "--set", "synth.ignore_border_px=1")
     assert result.returncode == 0, result.stderr
@@ -142,6 +143,9 @@ def test_cli_writes_images_masks_meta_and_video(repo_root, tmp_path):
         frames.append(read[1])
     capture.release()
     assert len(frames) == 3 and frames[0].shape[:2] == (64, 64)
+    # the video shows the frames written as PNGs (lossy codec: compare loosely)
+    first = cv2.imread(str(images[0]), cv2.IMREAD_UNCHANGED)
+    assert np.abs(frames[0][..., 0].astype(int) - first).mean() < 12
     assert not list(tmp_path.glob(".*partial*"))
 
 
