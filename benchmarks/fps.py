@@ -99,8 +99,20 @@ def parse_dirs(values: list[str]) -> dict[str, Path]:
     return dirs
 
 
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Forward-pass time model of this machine: ``overhead_s + gflops * seconds_per_gflop`` (small
+    passes are dominated by per-layer overhead, large ones by arithmetic)."""
+
+    overhead_s: float
+    seconds_per_gflop: float
+
+    def seconds(self, gflops: float) -> float:
+        return self.overhead_s + gflops * self.seconds_per_gflop
+
+
 def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path], shipped: Any,
-                     seconds_per_gflop: float) -> float:
+                     calibration: Calibration) -> float:
     """Rough duration of a run: passes of ``shipped`` and the registered models from their GFLOPs and a
     CPU calibration, the rest from frame counts."""
     import torch
@@ -113,7 +125,7 @@ def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path],
     runs = bench.warmup + bench.repeats
 
     def infer_s(size: int, model: Any = shipped) -> float:
-        return count_gflops(model, (1, 1, size, size)) * seconds_per_gflop
+        return calibration.seconds(count_gflops(model, (1, 1, size, size)))
 
     decode_s = 0.008  # a 1024² PNG on one core
     total = 0.0
@@ -151,22 +163,27 @@ def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path],
     return total
 
 
-def calibrate(loaded: Any) -> float:
-    """Seconds per GFLOP of the shipped model's forward pass at 256² (on the CPU, as loaded)."""
+def calibrate(loaded: Any) -> Calibration:
+    """Fit :class:`Calibration` to the shipped model's forward pass at 256² and 512² (CPU, as loaded)."""
     import torch
 
     from benchmarks.timing import synchronize
     from models.flops import count_gflops
 
-    x = torch.zeros(1, loaded.meta.in_channels, 256, 256)
-    times = []
+    points = []
     with torch.inference_mode():
-        for _ in range(6):
-            start = time.perf_counter()
-            loaded.model(x)
-            synchronize()
-            times.append(time.perf_counter() - start)
-    return min(times[3:]) / count_gflops(loaded.model, tuple(x.shape))
+        for size in (256, 512):
+            x = torch.zeros(1, loaded.meta.in_channels, size, size)
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                loaded.model(x)
+                synchronize()
+                times.append(time.perf_counter() - start)
+            points.append((count_gflops(loaded.model, tuple(x.shape)), min(times[2:])))
+    (small_gflops, small_s), (large_gflops, large_s) = points
+    per_gflop = max((large_s - small_s) / (large_gflops - small_gflops), 1e-6)
+    return Calibration(overhead_s=max(small_s - small_gflops * per_gflop, 0.0), seconds_per_gflop=per_gflop)
 
 
 def _inference_fps(result: dict[str, Any], backend: str, size: int) -> float | None:
