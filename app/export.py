@@ -58,7 +58,7 @@ def default_sizes(input_size: tuple[int, int]) -> list[tuple[int, int]]:
 
 
 def _fail(message: str, status: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"app.export: error: {message}", file=sys.stderr)
     return status
 
 

@@ -320,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             report.write_plot(args.plot, result)
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:
-        print(f"benchmarks.fps: error: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}",
-              file=sys.stderr)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        print(f"benchmarks.fps: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("benchmarks.fps: interrupted", file=sys.stderr)

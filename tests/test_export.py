@@ -82,7 +82,7 @@ def test_bad_weights_exit_2_with_one_line(kind: str, tmp_path: Path, capsys: pyt
         torch.save(build_model("fcn_resnet18", width=0.125).state_dict(), weights)
     assert app.export.main(["--weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and str(weights) in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("app.export: error:") and str(weights) in lines[0]
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -96,7 +96,7 @@ def test_cli_process_reports_missing_weights_without_traceback(tmp_path: Path) -
                             capture_output=True, text=True, timeout=120, cwd=Path(app.export.__file__).parent.parent)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "not found" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("app.export: error:") and "not found" in lines[0]
 
 
 def test_help_explains_the_options(capsys: pytest.CaptureFixture[str]) -> None:
