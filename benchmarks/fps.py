@@ -275,14 +275,17 @@ def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Pat
         log(f"benchmark: warning: {result['notes'][-1]}")
     with tempfile.TemporaryDirectory(prefix="cellseg-bench-", dir=workdir) as scratch:
         ctx = Context(config, loaded, FrameCache(Path(scratch)), Path(scratch), log)
-        if "storage" in sections:
-            result["storage"] = storage.run_section(bench, dirs, Path(scratch), log)
-        if "stages" in sections:
-            result["stages"] = stages.run_section(ctx)
-        if "models" in sections:
-            result["models"] = model_latency.run_section(ctx)
-        if "end_to_end" in sections:
-            result["end_to_end"] = end_to_end.run_section(ctx)
+        runners = {"storage": lambda: storage.run_section(bench, dirs, Path(scratch), log),
+                   "stages": lambda: stages.run_section(ctx), "models": lambda: model_latency.run_section(ctx),
+                   "end_to_end": lambda: end_to_end.run_section(ctx)}
+        for name in sections:
+            try:
+                result[name] = runners[name]()
+            except KeyboardInterrupt:  # keep what was measured: the finished sections are reported
+                result["interrupted"] = name
+                result["notes"].append(f"interrupted during '{name}': only the sections before it were measured")
+                log(f"benchmark: interrupted during {name}; reporting the finished sections")
+                break
     if "storage" in result:
         rates = {}
         measured = _inference_fps(result, config.model.backend, bench.storage_size)
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks.fps: interrupted", file=sys.stderr)
         return 130
     print(report.to_markdown(result))
-    return 0
+    return 130 if result.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -273,3 +273,21 @@ def test_emulated_device_is_thread_safe(tmp_path: Path) -> None:
     for thread in threads:
         thread.join(timeout=10)
     assert results == [2_000] * 16
+
+
+def test_ctrl_c_keeps_the_finished_sections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import model_latency
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_latency, "run_section", interrupted)
+    overrides = [arg for override in [*TINY, "model.threads=1", "benchmark.frames=4",
+                                      "benchmark.storage_formats=[npy]"] for arg in ("--set", override)]
+    status = fps.main(["--quick", "--sections", "storage,models,end_to_end", "--json", str(tmp_path / "r.json"),
+                       "--workdir", str(tmp_path), *overrides])
+    assert status == 130
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["interrupted"] == "models" and result["storage"]["results"]
+    assert "models" not in result and "end_to_end" not in result
+    assert any("interrupted during 'models'" in note for note in result["notes"])
