@@ -273,7 +273,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     hint = difflib.get_close_matches(key, valid, n=1)
-    suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
+    suggestion = f"; did you mean '{where}{hint[0]}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
     return ConfigError(f"unknown config key '{where}{key}'{suggestion}")
 
 

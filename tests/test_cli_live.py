@@ -133,7 +133,7 @@ def test_missing_camera_fails_within_five_seconds_with_one_line(tiny_weights):
     (["--source", "/no/such/video.mp4"], ["no such file or folder", "/no/such/video.mp4"]),
     (["--source", "foo://x"], ["unknown source scheme 'foo://'"]),
     (["--num-classes", "3"], ["2 classes", "expected 3"]),
-    (["--set", "pipeline.queue_sise=2"], ["did you mean 'queue_size'"]),
+    (["--set", "pipeline.queue_sise=2"], ["did you mean 'pipeline.queue_size'"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_weights, capsys, restore_signals, extra, fragments):
     code = live.main(["--weights", str(tiny_weights), "--no-display", *extra])

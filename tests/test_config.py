@@ -43,7 +43,7 @@ def test_config_is_frozen():
 def test_unknown_key_suggests_the_closest(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  backnd: onnx\n")
-    with pytest.raises(ConfigError, match="did you mean 'backend'"):
+    with pytest.raises(ConfigError, match="did you mean 'model.backend'"):
         load_config(path)
 
 

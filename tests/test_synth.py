@@ -161,7 +161,7 @@ def test_cli_rerun_with_fewer_frames_leaves_only_the_new_sequence(repo_root, tmp
 @pytest.mark.parametrize(("args", "message"), [
     (["--size", "16"], "synth.size must be at least 32"),
     (["--frames", "-1"], "synth.frames must be at least 1, got -1"),
-    (["--set", "synth.sizee=64"], "unknown config key 'synth.sizee'; did you mean 'size'?"),
+    (["--set", "synth.sizee=64"], "unknown config key 'synth.sizee'; did you mean 'synth.size'?"),
     (["--set", "synth.size=big"], "synth.size: expected int, got str 'big'"),
     (["UNWRITABLE"], "Not a directory"),
 ])

@@ -170,7 +170,7 @@ def test_cli_writes_checkpoint_history_and_state(tmp_path, capsys):
     (["--model", "unet"], "unknown model 'unet'"),
     (["--resume", "/nonexistent/x.last.pt"], "training state not found"),
     (["--resume", "x.last.pt", "--epochs", "3"], "drop --epochs"),
-    (["--set", "train.optimiser=sgd"], "did you mean 'optimizer'"),
+    (["--set", "train.optimiser=sgd"], "did you mean 'train.optimizer'"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(args) == 2
