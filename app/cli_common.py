@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from app.config import Config, ConfigError, add_config_arguments, config_from_args, replace
+from app.hologram import HologramError
 from app.pipeline import PipelineError, PipelineResult, build_stages
 from app.preprocess import PreprocessError
 from app.sinks import SinkError
@@ -41,7 +42,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     have raised, and importing it here would load PyTorch (seconds) just to report a bad source.
     """
     errors: tuple[type[BaseException], ...] = (ConfigError, SourceError, SinkError, PreprocessError,
-                                               FileNotFoundError)
+                                               HologramError, FileNotFoundError)
     model_side = [getattr(sys.modules.get(module), name, None)
                   for module, name in (("app.backends", "BackendError"), ("models", "CheckpointError"),
                                        ("models", "ModelError"))]
@@ -147,6 +148,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--backend", choices=("torch", "onnx"), help="inference backend (model.backend)")
     model.add_argument("--num-classes", type=int, metavar="N",
                        help="fail unless the checkpoint predicts exactly N classes")
+    model.add_argument("--background", metavar="FILE",
+                       help="background hologram (the same field recorded without sample): the hologram stage "
+                            "divides by its field, so tilt, aberrations and dust cancel (preprocess.background_file)")
     outputs = parser.add_argument_group("outputs (any combination)")
     outputs.add_argument("--out", metavar="FILE.mp4", help="write the overlay video (output.video)")
     outputs.add_argument("--gif", metavar="FILE.gif",
@@ -169,8 +173,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def config_with_flags(args: argparse.Namespace, **extra: dict[str, Any]) -> Config:
     """The config file + ``--set`` overrides, then the dedicated flags on top."""
     config = config_from_args(args)
-    changes: dict[str, dict[str, Any]] = {"model": {}, "output": {}, "pipeline": {}}
+    changes: dict[str, dict[str, Any]] = {"model": {}, "output": {}, "pipeline": {}, "preprocess": {}}
     for flag, section, key in (("weights", "model", "weights"), ("backend", "model", "backend"),
+                               ("background", "preprocess", "background_file"),
                                ("out", "output", "video"), ("gif", "output", "gif"),
                                ("masks", "output", "masks_dir"), ("csv", "output", "csv"),
                                ("stats", "output", "stats_json"), ("max_frames", "pipeline", "max_frames")):
@@ -215,11 +220,26 @@ def run_app(prog: str, config: Config, *, realtime: bool, num_classes: int | Non
             progress.finish()
         if display is not None:
             display.close()
-    report(result, config)
+    report(result, config, hologram_summary(stages.preprocessor))
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 
 
-def report(result: PipelineResult, config: Config) -> None:
+def hologram_summary(preprocessor: Any) -> dict[str, Any]:
+    """What the hologram stage used (mode, carrier, background file), for the stats JSON; {} without one."""
+    demodulator = getattr(preprocessor, "demodulator", None)
+    if demodulator is None:
+        return {}
+    settings = preprocessor.settings
+    carrier = demodulator.carrier
+    return {"hologram": settings.hologram, "hologram_filter": settings.hologram_filter,
+            "hologram_filter_size": settings.hologram_filter_size,
+            "background_file": settings.background_file or None,
+            "carrier": None if carrier is None else {
+                "fy_cycles_per_px": carrier.fy, "fx_cycles_per_px": carrier.fx,
+                "period_px": carrier.period_px, "angle_deg": carrier.angle_deg}}
+
+
+def report(result: PipelineResult, config: Config, preprocessing: dict[str, Any] | None = None) -> None:
     """Summary table (and the written files) on stderr; the JSON summary when asked for."""
     summary = result.to_dict()
     print(format_table(summary), file=sys.stderr)
@@ -229,7 +249,10 @@ def report(result: PipelineResult, config: Config) -> None:
     if config.output.stats_json:
         summary["config"] = {"source": config.source.uri, "weights": config.model.weights,
                              "backend": config.model.backend, "batch_size": config.pipeline.batch_size,
-                             "queue_size": config.pipeline.queue_size}
+                             "queue_size": config.pipeline.queue_size,
+                             "background_file": config.preprocess.background_file or None}
+        if preprocessing:
+            summary["preprocessing"] = preprocessing
         write_json(config.output.stats_json, summary)
         print(f"wrote {config.output.stats_json}", file=sys.stderr)
 
@@ -256,7 +279,8 @@ def guarded_main(prog: str, body: Callable[[], int]) -> int:
     except PipelineError as exc:
         log.debug("traceback", exc_info=exc)
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        # Bad input found by a stage (a background hologram of another size than the frames) is still bad input.
+        return EXIT_USAGE if isinstance(exc.cause, _user_errors()) else EXIT_FAILURE
     except CliError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

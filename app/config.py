@@ -61,6 +61,22 @@ class SynthConfig:
     illumination_sigma: float = 0.6
     aberration_rad: float = 1.5
     defocus_halo: float = 3.0
+    generator: str = "classic"
+    randomize: bool = False
+    fringe_period_range_px: tuple[float, float] = (2.2, 10.0)
+    defocus_range_px: tuple[float, float] = (3.0, 40.0)
+    wavelength_px: float = 3.0
+    defocus_px: float = 0.0
+    pupil_fraction: float = 0.33
+    object_radius_px: tuple[float, float] = (12.0, 40.0)
+    bead_fraction: float = 0.2
+    organism_fraction: float = 0.1
+    cluster_fraction: float = 0.2
+    speckle_rad: float = 0.1
+    speckle_grain_px: float = 3.0
+    parasitic_fringes: int = 1
+    parasitic_strength: float = 0.05
+    dust_strength: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,11 @@ class PreprocessConfig:
     background_frames: int = 10
     background_alpha: float = 0.05
     input_size: int = 0
+    hologram: str = "none"
+    hologram_filter: str = "smooth_disk"
+    hologram_filter_size: float = 0.5
+    hologram_carrier: tuple[float, ...] = ()
+    background_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,6 +185,9 @@ class TrainConfig:
     synthetic_sequences: int = 8  # synthetic training sequences (seeds synthetic_seed + i)
     synthetic_val_sequences: int = 1  # synthetic validation sequences (the seeds after the training ones)
     synthetic_endless: bool = False  # fresh training sequences every epoch (an endless seeded stream)
+    hologram: str = "none"  # none | offaxis: train on demodulated field channels (recorded in the checkpoint)
+    hologram_background_fraction: float = 0.5  # share of sequences demodulated with their background hologram
+    phase_sign_flip: bool = True  # hologram: random phase sign (the sideband sign differs between microscopes)
 
 
 @dataclass(frozen=True)

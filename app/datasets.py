@@ -23,6 +23,7 @@ import dataclasses
 import json
 import random
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from app.config import SynthConfig
 from app.preprocess import Preprocessor, PreprocessSettings
-from app.synth import InterferogramSequence
+from app.synth import InterferogramSequence, make_sequence
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 BOX_FILES = ("boxes.csv", "boxes.json")
@@ -249,6 +250,7 @@ class Augmentation:
 
     crop: tuple[int, int] | None = None
     flip: bool = False
+    phase_sign_flip: bool = False  # hologram channels: negate sin φ (channel 0) half of the time
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -266,6 +268,9 @@ class Augmentation:
                 image, mask = image[:, :, ::-1], mask[:, ::-1]
             if rng.random() < 0.5:
                 image, mask = image[:, ::-1], mask[::-1]
+        if self.phase_sign_flip and rng.random() < 0.5:
+            image = image.copy()
+            image[0] *= -1.0
         return image, mask
 
 
@@ -354,9 +359,18 @@ class SyntheticFrames:
     def _render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         seed = self.seeds[index // self.cfg.frames]
         if seed not in self._sequences:
-            self._sequences[seed] = InterferogramSequence(dataclasses.replace(self.cfg, seed=seed))
+            self._sequences[seed] = make_sequence(dataclasses.replace(self.cfg, seed=seed))
         frame = self._sequences[seed].frame(index % self.cfg.frames)
         return frame.image, frame.mask
+
+    def background(self, sequence: str) -> np.ndarray | None:
+        """The background hologram of ``sequence`` (a name from :meth:`sequence`), None for the classic
+        generator, which has none."""
+        seed = int(sequence.removeprefix("seed"))
+        if seed not in self._sequences:
+            self._sequences[seed] = make_sequence(dataclasses.replace(self.cfg, seed=seed))
+        background = getattr(self._sequences[seed], "background", None)
+        return background() if background is not None else None
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < len(self):
@@ -381,7 +395,7 @@ class SegmentationDataset(Dataset):
     """
 
     def __init__(self, frames: FrameSource, settings: PreprocessSettings, num_classes: int,
-                 augmentation: Augmentation | None = None, seed: int = 0) -> None:
+                 augmentation: Augmentation | None = None, seed: int = 0, background_fraction: float = 0.5) -> None:
         if settings.background not in TRAIN_BACKGROUNDS:
             raise DatasetError(f"training supports background {' or '.join(TRAIN_BACKGROUNDS)}, "
                                f"not '{settings.background}'")
@@ -393,16 +407,33 @@ class SegmentationDataset(Dataset):
         self.augmentation = augmentation or Augmentation()
         self.seed = seed
         self.epoch = 0
+        self.background_fraction = background_fraction
         self._preprocessors = self._build_preprocessors()
 
+    @property
+    def _per_sequence(self) -> bool:
+        return self.settings.background != "none" or self.settings.hologram != "none"
+
+    def uses_background_hologram(self, sequence: str) -> bool:
+        """Whether ``sequence`` is demodulated with its background hologram (a seeded draw per sequence,
+        ``background_fraction`` of them) or with the stand-in fitted to its first frame."""
+        draw = np.random.default_rng([self.seed, zlib.crc32(sequence.encode())]).random()
+        return draw < self.background_fraction
+
     def _build_preprocessors(self) -> dict[str, Preprocessor]:
-        if self.settings.background == "none":
+        if not self._per_sequence:
             return {"": Preprocessor(self.settings)}
         members: dict[str, list[int]] = {}
         for index in range(len(self.frames)):
             members.setdefault(self.frames.sequence(index), []).append(index)
         preprocessors = {}
         for sequence, indices in members.items():
+            if self.settings.hologram != "none":
+                background = getattr(self.frames, "background", None)
+                hologram = (background(sequence) if background is not None and self.uses_background_hologram(sequence)
+                            else None)
+                preprocessors[sequence] = Preprocessor(self.settings, hologram)
+                continue
             first = indices[: self.settings.background_frames]
             # Background frames = what the sequence has, so the estimate is frozen after priming.
             preprocessor = Preprocessor(dataclasses.replace(self.settings, background_frames=len(first)))
@@ -427,7 +458,7 @@ class SegmentationDataset(Dataset):
         if set_frames_epoch is not None:
             first_sequence = self.frames.sequence(0)
             set_frames_epoch(epoch)
-            if self.settings.background != "none" and self.frames.sequence(0) != first_sequence:
+            if self._per_sequence and self.frames.sequence(0) != first_sequence:
                 self._preprocessors = self._build_preprocessors()
 
     def __len__(self) -> int:
@@ -435,7 +466,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.frames.load(index)
-        key = "" if self.settings.background == "none" else self.frames.sequence(index)
+        key = self.frames.sequence(index) if self._per_sequence else ""
         tensor = self._preprocessors[key](image)
         if mask.max() >= self.num_classes and not np.isin(mask, (*range(self.num_classes), IGNORE_INDEX)).all():
             raise DatasetError(f"sample {index} ({self.frames.sequence(index)}) has mask values "

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 import scipy.fft
 
 FILTERS = ("disk", "smooth_disk")
+HOLOGRAM_MODES = ("none", "offaxis")
 OVERSAMPLE = 1.5  # reduced-field samples per Nyquist sample (see plan_sideband)
 MIN_CARRIER_CYCLES_PER_PX = 0.05  # fringe periods up to 20 px; below this the sideband meets the DC term
 _EPS = 1e-12
@@ -32,6 +34,17 @@ _EPS = 1e-12
 
 class HologramError(ValueError):
     """A hologram or a hologram setting cannot be demodulated (no carrier, wrong size, bad value)."""
+
+
+def load_background_hologram(path: str | Path) -> np.ndarray:
+    """Read a background hologram (any bit depth, gray or colour) or raise a one-line HologramError."""
+    file = Path(path)
+    if not file.is_file():
+        raise HologramError(f"background hologram not found: {file}")
+    image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise HologramError(f"cannot read background hologram {file}: not an image OpenCV can decode")
+    return _gray_float(image)
 
 
 @dataclass(frozen=True)

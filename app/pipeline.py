@@ -76,6 +76,7 @@ class PipelineError(RuntimeError):
     def __init__(self, stage: str, frame_index: int | None, cause: BaseException | str) -> None:
         self.stage = stage
         self.frame_index = frame_index
+        self.cause = cause if isinstance(cause, BaseException) else None
         if isinstance(cause, BaseException):
             text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             detail = f"{type(cause).__name__}: {text}" if text else type(cause).__name__

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import cv2
 import numpy as np
 
+from app.hologram import HOLOGRAM_MODES, Carrier, OffAxisDemodulator, load_background_hologram
+
 if TYPE_CHECKING:
     from app.config import PreprocessConfig
 
@@ -187,6 +189,11 @@ class PreprocessSettings:
     background_alpha: float = 0.05
     input_size: int = 0
     normalization: tuple[tuple[str, Any], ...] = (("mode", "standardize"),)
+    hologram: str = "none"  # none | offaxis: demodulate off-axis holograms into field channels
+    hologram_filter: str = "smooth_disk"
+    hologram_filter_size: float = 0.5
+    hologram_carrier: tuple[float, ...] = ()  # (period_px, angle_deg); empty = found from the data
+    background_file: str = ""  # background hologram (run-time input, not part of the recipe)
 
     @property
     def normalization_dict(self) -> dict[str, Any]:
@@ -200,18 +207,22 @@ class Preprocessor:
     H'×W' is the frame size, or ``input_size``×``input_size`` when that is non-zero.
     """
 
-    def __init__(self, settings: PreprocessSettings) -> None:
+    def __init__(self, settings: PreprocessSettings, background_hologram: np.ndarray | None = None) -> None:
         self.settings = settings
         self._clahe = Clahe(settings.clahe_clip_limit, settings.clahe_tile_grid) if settings.clahe else None
         self._background = make_background(settings.background, settings.background_frames,
                                            settings.background_alpha)
         self._normalization = settings.normalization_dict
+        self.demodulator = make_demodulator(settings, background_hologram)
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        image = convert_channels(frame, self.settings.in_channels)
-        if self._clahe is not None:
-            image = self._clahe(image)
-        image = self._background(to_unit_float(image))
+        if self.demodulator is not None:
+            image = self.demodulator.channels(convert_channels(frame, 1))
+        else:
+            image = convert_channels(frame, self.settings.in_channels)
+            if self._clahe is not None:
+                image = self._clahe(image)
+            image = self._background(to_unit_float(image))
         size = self.settings.input_size
         if size and image.shape[:2] != (size, size):
             shrinking = image.shape[0] > size or image.shape[1] > size
@@ -220,6 +231,35 @@ class Preprocessor:
         if image.ndim == 2:
             return np.ascontiguousarray(image[None], dtype=np.float32)
         return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+
+
+def make_demodulator(settings: PreprocessSettings,
+                     background_hologram: np.ndarray | None = None) -> OffAxisDemodulator | None:
+    """The hologram stage ``settings`` ask for (None for ``hologram: none``).
+
+    The background hologram is ``background_hologram`` when given, else ``settings.background_file``
+    (read here, so an unreadable file fails before the first frame)."""
+    if settings.hologram not in HOLOGRAM_MODES:
+        raise PreprocessError(f"unknown hologram mode '{settings.hologram}'; valid: {', '.join(HOLOGRAM_MODES)}")
+    if settings.hologram == "none":
+        if settings.background_file:
+            raise PreprocessError("a background hologram needs preprocess.hologram=offaxis (the checkpoint's "
+                                  "preprocessing has no hologram stage)")
+        return None
+    carrier = None
+    if settings.hologram_carrier:
+        if len(settings.hologram_carrier) != 2 or settings.hologram_carrier[0] <= 2.0:
+            raise PreprocessError("preprocess.hologram_carrier must be [period_px > 2, angle_deg], got "
+                                  f"{list(settings.hologram_carrier)}")
+        carrier = Carrier.from_period(*settings.hologram_carrier)
+    if background_hologram is None and settings.background_file:
+        background_hologram = load_background_hologram(settings.background_file)
+    return OffAxisDemodulator(carrier, settings.hologram_filter, settings.hologram_filter_size,
+                              background=background_hologram)
+
+
+_RECIPE_KEYS = ("clahe", "clahe_clip_limit", "clahe_tile_grid", "background", "background_frames",
+                "background_alpha", "hologram", "hologram_filter", "hologram_filter_size")
 
 
 def settings_from(config: PreprocessConfig, in_channels: int, normalization: dict[str, Any],
@@ -233,11 +273,7 @@ def settings_from(config: PreprocessConfig, in_channels: int, normalization: dic
     ``--set preprocess.background=mog2`` is never ignored silently.
     Channels and normalisation always come from the checkpoint; ``input_size`` from the config.
     """
-    source: dict[str, Any] = {
-        "clahe": config.clahe, "clahe_clip_limit": config.clahe_clip_limit,
-        "clahe_tile_grid": config.clahe_tile_grid, "background": config.background,
-        "background_frames": config.background_frames, "background_alpha": config.background_alpha,
-    }
+    source: dict[str, Any] = {key: getattr(config, key) for key in _RECIPE_KEYS}
     if config.from_checkpoint and recorded:
         defaults = type(config)()
         overridden = [f"{key}={source[key]} (checkpoint: {recorded[key]})" for key in source
@@ -247,13 +283,11 @@ def settings_from(config: PreprocessConfig, in_channels: int, normalization: dic
                         "preprocess.from_checkpoint=false to use the config's", ", ".join(overridden))
         source.update({key: recorded[key] for key in source if key in recorded})
     return PreprocessSettings(in_channels=in_channels, input_size=config.input_size,
-                              normalization=tuple(sorted(normalization.items())), **source)
+                              normalization=tuple(sorted(normalization.items())),
+                              hologram_carrier=tuple(config.hologram_carrier),
+                              background_file=config.background_file, **source)
 
 
 def recipe(settings: PreprocessSettings) -> dict[str, Any]:
     """The part of ``settings`` a checkpoint records (inverse of :func:`settings_from`)."""
-    return {
-        "clahe": settings.clahe, "clahe_clip_limit": settings.clahe_clip_limit,
-        "clahe_tile_grid": settings.clahe_tile_grid, "background": settings.background,
-        "background_frames": settings.background_frames, "background_alpha": settings.background_alpha,
-    }
+    return {key: getattr(settings, key) for key in _RECIPE_KEYS}

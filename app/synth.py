@@ -38,6 +38,7 @@ from app.config import ConfigError, SynthConfig, add_config_arguments, config_fr
 from app.sinks import VideoSink
 
 MIN_SIZE = 32
+GENERATORS = ("classic", "propagated")
 BACKGROUND, CELL, IGNORE = 0, 1, 255
 CLASS_NAMES = {BACKGROUND: "background", CELL: "cell", IGNORE: "ignore"}
 
@@ -150,7 +151,21 @@ def validate(cfg: SynthConfig) -> None:
          "num_cells, num_particles and num_dust_rings must be >= 0"),
         (cfg.noise_std >= 0.0, f"noise_std must be >= 0, got {cfg.noise_std}"),
         (cfg.defocus_sigma_px >= 0.0, f"defocus_sigma_px must be >= 0, got {cfg.defocus_sigma_px}"),
-        (cfg.bit_depth in (8, 16), f"bit_depth must be 8 or 16, got {cfg.bit_depth}"),
+        (cfg.bit_depth in (8, 10, 12, 16), f"bit_depth must be 8, 10, 12 or 16, got {cfg.bit_depth}"),
+        (cfg.generator in GENERATORS, f"generator must be one of {', '.join(GENERATORS)}, got '{cfg.generator}'"),
+        (2.0 < cfg.fringe_period_range_px[0] <= cfg.fringe_period_range_px[1],
+         f"fringe_period_range_px must satisfy 2 < min <= max, got {list(cfg.fringe_period_range_px)}"),
+        (0.0 <= cfg.defocus_range_px[0] <= cfg.defocus_range_px[1],
+         f"defocus_range_px must satisfy 0 <= min <= max, got {list(cfg.defocus_range_px)}"),
+        (cfg.wavelength_px > 0.0, f"wavelength_px must be > 0, got {cfg.wavelength_px}"),
+        (0.0 < cfg.pupil_fraction < 1.0, f"pupil_fraction must be in (0, 1), got {cfg.pupil_fraction}"),
+        (0.0 < cfg.object_radius_px[0] <= cfg.object_radius_px[1],
+         f"object_radius_px must satisfy 0 < min <= max, got {list(cfg.object_radius_px)}"),
+        (min(cfg.bead_fraction, cfg.organism_fraction, cfg.cluster_fraction) >= 0.0
+         and cfg.bead_fraction + cfg.organism_fraction <= 1.0,
+         "bead_fraction and organism_fraction must be >= 0 with a sum <= 1, cluster_fraction >= 0"),
+        (cfg.speckle_grain_px > 0.0, f"speckle_grain_px must be > 0, got {cfg.speckle_grain_px}"),
+        (cfg.parasitic_fringes >= 0, f"parasitic_fringes must be >= 0, got {cfg.parasitic_fringes}"),
         (cfg.ignore_border_px >= 0, f"ignore_border_px must be >= 0, got {cfg.ignore_border_px}"),
         (0.0 < cfg.fringe_visibility <= 1.0, f"fringe_visibility must be in (0, 1], got {cfg.fringe_visibility}"),
         (cfg.illumination_sigma > 0.0, f"illumination_sigma must be > 0, got {cfg.illumination_sigma}"),
@@ -486,6 +501,16 @@ class InterferogramSequence:
             "cells_in_sequence": len(self._cells.bodies),
             "particles_in_sequence": len(self._particles.bodies),
         }
+
+
+def make_sequence(cfg: SynthConfig) -> InterferogramSequence:
+    """The generator ``cfg`` asks for: the classic one, or the propagated-hologram one
+    (:class:`app.synth_holo.HologramSequence`) for ``generator: propagated`` or ``randomize: true``."""
+    if cfg.generator == "propagated" or cfg.randomize:
+        from app.synth_holo import HologramSequence
+
+        return HologramSequence(cfg)
+    return InterferogramSequence(cfg)
 
 
 def write_sequence(seq: InterferogramSequence, out_dir: Path, video: Path | None = None, fps: float = 25.0,

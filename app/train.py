@@ -47,6 +47,7 @@ from app.datasets import (
 )
 from app.losses import LossError, build_loss, cascade_weights
 from app.metrics import ConfusionMatrix, json_safe
+from app.hologram import NUM_CHANNELS
 from app.preprocess import PreprocessError, PreprocessSettings, recipe
 from models import CheckpointError, ModelError, build_model, list_models, model_options, save_checkpoint
 from models.backbones import load_backbone_weights
@@ -120,12 +121,17 @@ def preprocess_settings(cfg: Config) -> PreprocessSettings:
     """The model-input recipe of a training run: channels, CLAHE and background from ``train``, their
     parameters from ``preprocess``, native resolution, standardisation or none."""
     train = cfg.train
-    normalization = {"mode": "standardize" if train.standardize else "none"}
+    hologram = train.hologram != "none"
+    if hologram and train.in_channels != NUM_CHANNELS:
+        raise TrainError(f"train.hologram={train.hologram} feeds the model {NUM_CHANNELS} field channels; "
+                         f"set train.in_channels={NUM_CHANNELS}")
+    normalization = {"mode": "standardize" if train.standardize and not hologram else "none"}
     return PreprocessSettings(
         in_channels=train.in_channels, clahe=train.clahe, clahe_clip_limit=cfg.preprocess.clahe_clip_limit,
         clahe_tile_grid=cfg.preprocess.clahe_tile_grid, background=train.background,
         background_frames=cfg.preprocess.background_frames, background_alpha=cfg.preprocess.background_alpha,
-        input_size=0, normalization=tuple(sorted(normalization.items())))
+        input_size=0, normalization=tuple(sorted(normalization.items())), hologram=train.hologram,
+        hologram_filter=cfg.preprocess.hologram_filter, hologram_filter_size=cfg.preprocess.hologram_filter_size)
 
 
 def synthetic_seeds(cfg: Config) -> tuple[list[int], list[int]]:
@@ -151,11 +157,14 @@ def build_datasets(cfg: Config, data: str | None) -> tuple[SegmentationDataset, 
         train_frames = FolderFrames(train_samples)
         val_frames = FolderFrames(val_samples) if val_samples else None
     augmentation = Augmentation(crop=tuple(train.crop_size) if train.augment_crop else None,
-                                flip=train.augment_flip)
-    train_set = SegmentationDataset(train_frames, settings, train.num_classes, augmentation, train.seed)
+                                flip=train.augment_flip,
+                                phase_sign_flip=train.phase_sign_flip and settings.hologram != "none")
+    fraction = train.hologram_background_fraction
+    train_set = SegmentationDataset(train_frames, settings, train.num_classes, augmentation, train.seed,
+                                    background_fraction=fraction)
     if val_frames is None:
         return train_set, None
-    val_set = SegmentationDataset(val_frames, settings, train.num_classes)
+    val_set = SegmentationDataset(val_frames, settings, train.num_classes, background_fraction=fraction)
     if train.max_val_frames and len(val_set) > train.max_val_frames:
         picks = np.linspace(0, len(val_set) - 1, train.max_val_frames).round().astype(int)
         return train_set, Subset(val_set, sorted(set(picks.tolist())))
