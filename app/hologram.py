@@ -179,10 +179,8 @@ def plan_sideband(shape: tuple[int, int], carrier: Carrier, filter_name: str = "
     kx = centre_x + np.arange(w) - w // 2
     KY, KX = np.meshgrid(ky, kx, indexing="ij")
     distance = np.hypot(KY / height - carrier.fy, KX / width - carrier.fx) / radius
-    if np.any((distance <= 1.0) & ((np.abs(KX) > width // 2) | (np.abs(KY) > height // 2))):
-        raise HologramError("the sideband filter reaches past the Nyquist frequency; lower filter_size")
-    # Bins outside the filter only need a valid index (their weight is 0): fold every bin into the
-    # spectrum, and read negative-fx bins as the conjugate of their mirror in the half spectrum.
+    # Fold every bin into the sampled spectrum (a carrier near Nyquist has a sideband that wraps round,
+    # as the camera aliased it) and read negative-fx bins as the conjugate of their mirror.
     folded = (KX + width // 2) % width - width // 2
     conjugate = folded < 0
     rows = np.where(conjugate, -KY, KY) % height
@@ -382,6 +380,13 @@ class OffAxisDemodulator:
         """Frame (H×W) -> H×W×3 float32 model channels (see :func:`field_channels`), at frame resolution."""
         return resize_to(field_channels(self.field(image)), image.shape[:2])
 
+    def full_field(self, image: np.ndarray) -> np.ndarray:
+        """Frame (H×W) -> the normalised field at frame resolution (H×W complex64); ``np.angle`` of it
+        is the phase difference to the reference (rad), ``np.abs`` the amplitude ratio."""
+        field = self.field(image)
+        parts = resize_to(np.stack([field.real, field.imag], axis=-1), image.shape[:2])
+        return (parts[..., 0] + 1j * parts[..., 1]).astype(np.complex64)
+
 
 class TorchDemodulator:
     """The same demodulation with ``torch.fft`` on the model's device (frames stay on the GPU).
@@ -411,7 +416,18 @@ class TorchDemodulator:
             "conjugate": torch.as_tensor(plan.conjugate, **to),
             "weights": torch.as_tensor(plan.weights, **to),
             "ramp_inverse": torch.as_tensor(plan.ramp * self.cpu.reference_inverse, **to),
+            "grid": self._resize_grid(plan.window, plan.shape),
         }
+
+    def _resize_grid(self, window: tuple[int, int], shape: tuple[int, int]) -> object:
+        """grid_sample coordinates of :func:`resize_to`'s mapping (sample j at frame coordinate j·W/w) on
+        the reduced grid padded by one wrapped row and column, so both paths interpolate the same points."""
+        torch = self._torch
+        (h, w), (height, width) = window, shape
+        y = torch.arange(height, dtype=torch.float64) * (h / height) / h * 2.0 - 1.0
+        x = torch.arange(width, dtype=torch.float64) * (w / width) / w * 2.0 - 1.0
+        grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
+        return torch.stack([grid_x, grid_y], dim=-1)[None].to(self.device, torch.float32)
 
     def channels(self, frames: object) -> object:
         """(N, H, W) float32 tensor of raw frames -> (N, 3, H, W) float32 channels on the same device."""
@@ -434,4 +450,8 @@ class TorchDemodulator:
         sin = field.imag / (amplitude + 1e-12)
         log_amplitude = torch.log(amplitude + 1e-6).clamp(-LOG_AMPLITUDE_CLIP, LOG_AMPLITUDE_CLIP)
         stacked = torch.stack([sin, 1.0 - cos, log_amplitude], dim=1)
-        return torch.nn.functional.interpolate(stacked, size=shape, mode="bilinear", align_corners=False)
+        padded = torch.cat([stacked, stacked[:, :, :1]], dim=2)
+        padded = torch.cat([padded, padded[:, :, :, :1]], dim=3)
+        grid = t["grid"].expand(stacked.shape[0], -1, -1, -1)
+        return torch.nn.functional.grid_sample(padded, grid, mode="bilinear", padding_mode="border",
+                                               align_corners=True)

@@ -67,7 +67,7 @@ RANDOM_RANGES: dict[str, Any] = {
     "speckle_rad": (0.0, 0.4),
     "speckle_grain_px": (1.0, 6.0),
     "parasitic_fringes": (0, 3),  # integer
-    "parasitic_strength": (0.01, 0.12),
+    "parasitic_strength": (0.02, 0.3),  # relative to the object wave
     "num_dust_rings": (0, 6),  # integer
     "dust_strength": (0.05, 0.35),
     "aberration_rad": (0.0, 6.0),
@@ -260,12 +260,14 @@ class HologramSequence:
         aberration *= cfg.aberration_rad / peak if peak > 0 else 0.0
         cfy, cfx = carrier_frequency(cfg)
         reference = np.exp(1j * (2.0 * np.pi * (cfx * xx + cfy * yy) + aberration))
-        for _ in range(cfg.parasitic_fringes):  # multiple reflections: weak extra plane waves
-            angle, frequency = rng.uniform(0, 2 * math.pi), rng.uniform(0.01, 0.45)
-            reference += cfg.parasitic_strength * np.exp(
-                1j * (2 * np.pi * frequency * (math.cos(angle) * xx + math.sin(angle) * yy) + rng.uniform(0, 6.3)))
         visibility = cfg.fringe_visibility
         self._ratio = np.float32((1.0 - math.sqrt(1.0 - visibility**2)) / visibility)
+        # Multiple reflections: weak extra plane waves, their amplitude relative to the object wave's,
+        # so their fringes never outshine the carrier's.
+        for _ in range(cfg.parasitic_fringes):
+            angle, frequency = rng.uniform(0, 2 * math.pi), rng.uniform(0.01, 0.45)
+            reference += cfg.parasitic_strength * self._ratio * np.exp(
+                1j * (2 * np.pi * frequency * (math.cos(angle) * xx + math.sin(angle) * yy) + rng.uniform(0, 6.3)))
         self._reference = (reference * np.sqrt(envelope)).astype(np.complex64)
         self._max_count = float(2**cfg.bit_depth - 1)
         noiseless = self._intensity(self._illumination, 0.0)
