@@ -77,6 +77,7 @@ class SynthConfig:
     parasitic_fringes: int = 1
     parasitic_strength: float = 0.05
     dust_strength: float = 0.15
+    keep: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

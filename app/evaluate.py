@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -28,9 +29,11 @@ import numpy as np
 
 from app.config import Config, ConfigError, add_config_arguments, config_from_args, replace
 from app.datasets import DatasetError, FolderFrames, find_samples
+from app.hologram import HologramError
 from app.inference import Backend, resize_labels
 from app.metrics import METRIC_KEYS, ConfusionMatrix, MetricsError, json_safe
 from app.preprocess import PreprocessError, Preprocessor, PreprocessSettings, settings_from
+from app.synth import SynthError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -47,6 +50,7 @@ class EvalFrame:
     sequence: str
     image: np.ndarray
     mask: np.ndarray | None
+    background: np.ndarray | None = None  # the sequence's background hologram, if the hologram stage uses one
 
 
 @dataclass
@@ -74,12 +78,20 @@ def folder_frames(root: Path) -> Iterator[EvalFrame]:
         yield EvalFrame(sample.image.relative_to(image_dir).with_suffix("").as_posix(), sample.sequence, image, mask)
 
 
-def synthetic_frames(cfg: Config) -> Iterator[EvalFrame]:
-    """The sequence ``cfg.synth`` describes (seed, frames, size) with its exact ground truth."""
-    from app.synth import InterferogramSequence
+def synthetic_frames(cfg: Config, sequences: int = 1, with_background: bool = False) -> Iterator[EvalFrame]:
+    """The sequences ``cfg.synth`` describes (seeds seed … seed+sequences-1, frames, size) with their exact
+    ground truth; ``with_background`` hands each sequence's background hologram to the hologram stage."""
+    from app.synth import make_sequence
 
-    for frame in InterferogramSequence(cfg.synth):
-        yield EvalFrame(f"seed{cfg.synth.seed}_{frame.index:06d}", f"seed{cfg.synth.seed}", frame.image, frame.mask)
+    for seed in range(cfg.synth.seed, cfg.synth.seed + sequences):
+        seq = make_sequence(dataclasses.replace(cfg.synth, seed=seed))
+        background = getattr(seq, "background", None)
+        if with_background and background is None:
+            raise EvaluateError("--with-background needs the propagated generator (synth.generator=propagated "
+                                "or synth.randomize=true): the classic one records no background hologram")
+        hologram = background() if with_background else None
+        for frame in seq:
+            yield EvalFrame(f"seed{seed}_{frame.index:06d}", f"seed{seed}", frame.image, frame.mask, hologram)
 
 
 def unlabelled_frames(uri: str, cfg: Config) -> Iterator[EvalFrame]:
@@ -115,7 +127,7 @@ class Evaluator:
         seconds, count, labelled = 0.0, 0, 0
         for frame in frames:
             if frame.sequence not in preprocessors:
-                preprocessors[frame.sequence] = Preprocessor(self.settings)
+                preprocessors[frame.sequence] = Preprocessor(self.settings, frame.background)
             started = time.perf_counter()
             tensor = preprocessors[frame.sequence](frame.image)
             if count == 0:  # the first prediction is slow (allocations, lazy init): warm up off the clock
@@ -196,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="--synthetic: sequence seed (synth.seed)")
     parser.add_argument("--frames", type=int, help="--synthetic: number of frames (synth.frames)")
     parser.add_argument("--size", type=int, help="--synthetic: frame side in pixels (synth.size)")
+    parser.add_argument("--sequences", type=int, default=1, metavar="N",
+                        help="--synthetic: N sequences, seeds seed … seed+N-1 (default 1)")
+    parser.add_argument("--with-background", action="store_true",
+                        help="--synthetic: give the hologram stage each sequence's background hologram")
+    parser.add_argument("--background", metavar="FILE",
+                        help="--data: background hologram for the hologram stage (preprocess.background_file)")
+    parser.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                        help="--synthetic: score once per value of one synth setting, kept fixed while the rest "
+                             "is randomised (synth.randomize), e.g. fringe_period_px=2.2,3,5,8 or "
+                             "defocus_px=0,10,20,40; prints a table")
     parser.add_argument("--json", metavar="FILE", help="write the scores (compute() keys) and run details")
     parser.add_argument("--per-image", metavar="FILE.csv", help="write one row of scores per image")
     parser.add_argument("--masks", metavar="DIR", help="write the predicted label maps as DIR/NAME.png")
@@ -212,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (EvaluateError, DatasetError, ConfigError, PreprocessError, MetricsError, FileNotFoundError) as exc:
+    except (EvaluateError, DatasetError, ConfigError, PreprocessError, HologramError, SynthError, MetricsError,
+            FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
@@ -235,16 +258,27 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     synth = {key: value for key, value in (("seed", args.seed), ("frames", args.frames), ("size", args.size))
              if value is not None}
-    if synth and not args.synthetic:
-        raise EvaluateError("--seed/--frames/--size describe a --synthetic sequence")
+    if (synth or args.sweep or args.with_background or args.sequences != 1) and not args.synthetic:
+        raise EvaluateError("--seed/--frames/--size/--sequences/--sweep/--with-background describe --synthetic data")
+    if args.background:
+        if args.synthetic:
+            raise EvaluateError("--background is for --data; --synthetic sequences bring their own (--with-background)")
+        cfg = replace(cfg, preprocess={"background_file": args.background})
+    if args.sequences < 1:
+        raise EvaluateError(f"--sequences must be >= 1, got {args.sequences}")
     cfg = replace(cfg, synth=synth)
+    sweep = parse_sweep(args.sweep, cfg) if args.sweep else None
     model, meta = load_checkpoint(args.weights)
     settings = settings_from(cfg.preprocess, meta.in_channels, meta.normalization,
                              meta.train_config.get("preprocess"))
     backend = create_backend(cfg.model, model, meta, args.weights, concurrent=False)
+    if sweep is not None:
+        return run_sweep(sweep, cfg, args, backend, settings, meta)
     if args.synthetic:
-        frames, what = synthetic_frames(cfg), (f"synthetic sequence seed {cfg.synth.seed}, {cfg.synth.frames} "
-                                               f"frames of {cfg.synth.size}×{cfg.synth.size}")
+        frames = synthetic_frames(cfg, args.sequences, args.with_background)
+        what = (f"synthetic {cfg.synth.generator}{' randomised' if cfg.synth.randomize else ''} sequences seeds "
+                f"{cfg.synth.seed}-{cfg.synth.seed + args.sequences - 1}, {cfg.synth.frames} frames of "
+                f"{cfg.synth.size}×{cfg.synth.size}{', with background' if args.with_background else ''}")
     elif has_labels(Path(args.data)):
         frames, what = folder_frames(Path(args.data)), args.data
     else:
@@ -278,6 +312,49 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.per_image}", file=sys.stderr)
     if masks_dir:
         print(f"wrote {result.frames} masks to {masks_dir}", file=sys.stderr)
+    return EXIT_OK
+
+
+def parse_sweep(text: str, cfg: Config) -> tuple[str, list[Any]]:
+    """``KEY=V1,V2,...`` -> (synth field, typed values); the field must be a number of SynthConfig."""
+    key, _, values = text.partition("=")
+    key = key.strip().removeprefix("synth.")
+    current = getattr(cfg.synth, key, None)
+    if not values or not isinstance(current, (int, float)) or isinstance(current, bool):
+        raise EvaluateError(f"--sweep needs KEY=V1,V2,... with KEY a numeric synth setting, got '{text}'")
+    try:
+        parsed = [type(current)(float(v)) if isinstance(current, int) else float(v) for v in values.split(",")]
+    except ValueError as exc:
+        raise EvaluateError(f"--sweep values must be numbers: {values}") from exc
+    return key, parsed
+
+
+def run_sweep(sweep: tuple[str, list[Any]], cfg: Config, args: argparse.Namespace, backend: Backend,
+              settings: PreprocessSettings, meta: Any) -> int:
+    """One evaluation per value of one kept synth setting (the rest randomised); a table on stdout."""
+    key, values = sweep
+    rows = []
+    for value in values:
+        synth = dataclasses.replace(cfg.synth, randomize=True, keep=tuple(sorted({*cfg.synth.keep, key})),
+                                    **{key: value})
+        frames = synthetic_frames(replace(cfg, synth=dataclasses.asdict(synth)), args.sequences, args.with_background)
+        result = Evaluator(backend, settings, meta.num_classes).run(frames)
+        scores = result.scores or {}
+        iou = scores.get("iou") or [float("nan")] * meta.num_classes
+        rows.append({key: value, "miou": scores.get("miou"), "mdice": scores.get("mdice"),
+                     **{f"iou_{name}": iou[c] for c, name in enumerate(meta.class_names)}, "frames": result.frames})
+    header = list(rows[0])
+    print(" | ".join(header))
+    print(" | ".join("---" for _ in header))
+    for row in rows:
+        print(" | ".join(f"{row[h]:.4f}" if isinstance(row[h], float) else str(row[h]) for h in header))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(json_safe({"sweep": key, "rows": rows, "weights": args.weights,
+                                              "sequences": args.sequences, "seed": cfg.synth.seed,
+                                              "with_background": args.with_background}), indent=2) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
     return EXIT_OK
 
 

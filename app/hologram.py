@@ -158,7 +158,7 @@ def plan_sideband(shape: tuple[int, int], carrier: Carrier, filter_name: str = "
     """Precompute the sideband window, filter and sub-bin ramp for frames of ``shape`` (H, W).
 
     The filter is a disk of radius ``filter_size`` × the carrier's distance from DC (cycles/px) around
-    the carrier; ``smooth_disk`` softens its edge with a raised-cosine over the outer 20 % of the radius,
+    the carrier, shrunk where it would cross the Nyquist frequency; ``smooth_disk`` softens its edge with a raised-cosine over the outer 20 % of the radius,
     which trades a little resolution for less ringing. The reduced field is h×w with h, w the smallest
     fast FFT sizes that hold ``oversample`` × the filter's support: at 1 the field is sampled at its
     Nyquist rate and bilinear resizing back loses detail (0.15 rad RMS inside the HL60 cell against
@@ -172,7 +172,12 @@ def plan_sideband(shape: tuple[int, int], carrier: Carrier, filter_name: str = "
     carrier = carrier.canonical()
     if not 0.0 < carrier.frequency <= math.sqrt(0.5):
         raise HologramError(f"carrier ({carrier.fy:.4f}, {carrier.fx:.4f}) cycles/px is outside the spectrum")
-    radius = filter_size * carrier.frequency
+    # The disk stays inside the sampled spectrum: beyond Nyquist it would take in the aliased other
+    # sideband (a period near 2 px at a steep angle leaves only a small disk, as it does the microscope).
+    radius = min(filter_size * carrier.frequency, 0.5 - max(abs(carrier.fy), abs(carrier.fx)))
+    if radius < 0.01:
+        raise HologramError(f"carrier (period {carrier.period_px:.2f} px, angle {carrier.angle_deg:.0f}°) leaves no "
+                            "room for a sideband filter below the Nyquist frequency")
     h, w = _window_side(radius * height, height, oversample), _window_side(radius * width, width, oversample)
     centre_y, centre_x = round(carrier.fy * height), round(carrier.fx * width)
     ky = centre_y + np.arange(h) - h // 2  # signed bins of the window

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from app.config import ConfigError, SynthConfig, add_config_arguments, config_from_args, replace
+from app.hologram import HologramError
 from app.sinks import VideoSink
 
 MIN_SIZE = 32
@@ -515,8 +516,8 @@ def make_sequence(cfg: SynthConfig) -> InterferogramSequence:
 
 def write_sequence(seq: InterferogramSequence, out_dir: Path, video: Path | None = None, fps: float = 25.0,
                    progress: bool = False) -> None:
-    """Write ``out_dir/images/NNNNNN.png``, ``out_dir/masks/NNNNNN.png``, ``out_dir/meta.json`` and
-    optionally a video (8-bit, the pipeline's :class:`~app.sinks.VideoSink`: mp4v or the first codec
+    """Write ``out_dir/images/NNNNNN.png``, ``out_dir/masks/NNNNNN.png``, ``out_dir/meta.json``, the
+    background hologram ``out_dir/background.png`` (propagated generator) and optionally a video (8-bit, the pipeline's :class:`~app.sinks.VideoSink`: mp4v or the first codec
     that opens). The video is written under a temporary name and renamed when finished, also on error
     or Ctrl-C, so the file on disk is always playable. Numbered frames left in
     ``images``/``masks`` by an earlier, longer sequence are deleted, so the folders hold this sequence only."""
@@ -527,6 +528,10 @@ def write_sequence(seq: InterferogramSequence, out_dir: Path, video: Path | None
             if int(stale.stem) >= len(seq):
                 stale.unlink()
     (out_dir / "meta.json").write_text(json.dumps(seq.meta(), indent=2) + "\n")
+    background = getattr(seq, "background", None)
+    if background is not None and not cv2.imwrite(str(out_dir / "background.png"), background()):
+        raise OSError(f"cannot write {out_dir / 'background.png'}")
+    shift = seq.cfg.bit_depth - 8
     writer = VideoSink(video, fps) if video is not None else None
     try:
         for frame in seq:
@@ -535,7 +540,7 @@ def write_sequence(seq: InterferogramSequence, out_dir: Path, video: Path | None
                 if not cv2.imwrite(str(folder / name), array):
                     raise OSError(f"cannot write {folder / name}")
             if writer is not None:
-                gray = frame.image if frame.image.dtype == np.uint8 else (frame.image >> 8).astype(np.uint8)
+                gray = frame.image if frame.image.dtype == np.uint8 else (frame.image >> shift).astype(np.uint8)
                 writer.write_image(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
             if progress:
                 print(f"\rframe {frame.index + 1}/{len(seq)}", end="", file=sys.stderr, flush=True)
@@ -564,6 +569,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bit-depth", metavar="8|16", type=int, help="8- or 16-bit PNG images (default: synth.bit_depth)")
     parser.add_argument("--video", metavar="FILE.mp4", type=Path, help="also write the frames as a video (.mp4 with mp4v, or .avi; 8-bit)")
     parser.add_argument("--fps", metavar="F", type=float, help="frame rate stored in the MP4 (default: output.video_fps)")
+    parser.add_argument("--randomize", action="store_true",
+                        help="realistic holograms with every optical setting drawn per sequence (fringe period "
+                             "2.2-10 px at any angle, defocus, beads, organisms, clusters, speckle, dust, 8-16 bit); "
+                             "same as --set synth.randomize=true")
+    parser.add_argument("--like", metavar="HOLOGRAM", type=Path,
+                        help="measure fringe period and angle, visibility, noise and bit depth of one real hologram "
+                             "and write randomised sequences with those kept: training data for that microscope")
+    parser.add_argument("--sequences", metavar="N", type=int, default=1,
+                        help="write N sequences (seeds seed, seed+1, ...) as DIR/seq000, DIR/seq001, ... (default 1: DIR)")
     add_config_arguments(parser)
     return parser
 
@@ -577,9 +591,25 @@ def main(argv: list[str] | None = None) -> int:
         fps = args.fps if args.fps is not None else cfg.output.video_fps
         if fps <= 0:
             raise SynthError(f"--fps must be > 0, got {fps}")
-        seq = InterferogramSequence(cfg.synth)
-        write_sequence(seq, args.out, args.video, fps, progress=sys.stderr.isatty())
-    except (ConfigError, SynthError, OSError) as exc:
+        synth = cfg.synth
+        if args.randomize:
+            synth = dataclasses.replace(synth, randomize=True)
+        if args.like is not None:
+            from app.synth_like import like
+
+            measured = like(args.like)
+            print(f"app.synth: {args.like}: " + ", ".join(f"{k} {v:.3g}" for k, v in measured.items()), file=sys.stderr)
+            synth = dataclasses.replace(synth, randomize=True, keep=tuple(sorted(set(synth.keep) | set(measured))),
+                                        **measured)
+        if args.sequences < 1:
+            raise SynthError(f"--sequences must be >= 1, got {args.sequences}")
+        for k in range(args.sequences):
+            out = args.out if args.sequences == 1 else args.out / f"seq{k:03d}"
+            video = args.video if args.sequences == 1 or args.video is None else \
+                args.video.with_name(f"{args.video.stem}_{k:03d}{args.video.suffix}")
+            seq = make_sequence(dataclasses.replace(synth, seed=synth.seed + k))
+            write_sequence(seq, out, video, fps, progress=sys.stderr.isatty())
+    except (ConfigError, SynthError, HologramError, OSError) as exc:
         print(f"app.synth: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -41,6 +41,7 @@ from app.synth import (
     _TEXTURE_TILE,
     CLASS_NAMES,
     IGNORE,
+    SynthError,
     SynthFrame,
     _bbox,
     _Cell,
@@ -67,7 +68,7 @@ RANDOM_RANGES: dict[str, Any] = {
     "speckle_rad": (0.0, 0.4),
     "speckle_grain_px": (1.0, 6.0),
     "parasitic_fringes": (0, 3),  # integer
-    "parasitic_strength": (0.02, 0.3),  # relative to the object wave
+    "parasitic_strength": (0.01, 0.1),  # amplitude relative to the object wave
     "num_dust_rings": (0, 6),  # integer
     "dust_strength": (0.05, 0.35),
     "aberration_rad": (0.0, 6.0),
@@ -81,7 +82,11 @@ _DEBRIS_PROBABILITY = 0.3  # share of tracked things that are sub-resolution deb
 
 
 def randomized(cfg: SynthConfig) -> SynthConfig:
-    """``cfg`` with every optical setting drawn from :data:`RANDOM_RANGES` for ``cfg.seed``."""
+    """``cfg`` with every optical setting drawn from :data:`RANDOM_RANGES` for ``cfg.seed``, except the
+    settings named in ``cfg.keep``, which stay as configured (``--like`` keeps the measured ones)."""
+    unknown = set(cfg.keep) - {f.name for f in dataclasses.fields(cfg)}
+    if unknown:
+        raise SynthError(f"synth.keep names unknown settings: {', '.join(sorted(unknown))}")
     rng = np.random.default_rng([cfg.seed, 77])
     r = RANDOM_RANGES
 
@@ -98,8 +103,8 @@ def randomized(cfg: SynthConfig) -> SynthConfig:
     near, far = cfg.defocus_range_px
     defocus = (rng.uniform(-min(far, 3.0), min(far, 3.0)) if rng.uniform() < r["in_focus_probability"]
                else rng.choice([-1.0, 1.0]) * rng.uniform(near, far))
-    return dataclasses.replace(
-        cfg, generator="propagated", randomize=False, fringe_period_px=period,
+    drawn = dict(
+        fringe_period_px=period,
         fringe_angle_deg=uniform("fringe_angle_deg"), fringe_visibility=uniform("fringe_visibility"),
         bit_depth=int(rng.choice(r["bit_depth"])), noise_std=uniform("noise_std"),
         wavelength_px=uniform("wavelength_px"), pupil_fraction=uniform("pupil_fraction"),
@@ -111,6 +116,26 @@ def randomized(cfg: SynthConfig) -> SynthConfig:
         num_dust_rings=integer("num_dust_rings"), dust_strength=uniform("dust_strength"),
         aberration_rad=uniform("aberration_rad"), illumination_sigma=uniform("illumination_sigma"),
         drift_px_per_frame=uniform("drift_px_per_frame"), defocus_px=float(defocus))
+    kept = {key: value for key, value in drawn.items() if key not in cfg.keep}
+    result = dataclasses.replace(cfg, generator="propagated", randomize=False, **kept)
+    return _recordable(result, rng, vary_angle="fringe_angle_deg" not in cfg.keep)
+
+
+def _fits_nyquist(cfg: SynthConfig) -> bool:
+    fy, fx = carrier_frequency(cfg)
+    return max(abs(fy), abs(fx)) + cfg.pupil_fraction * math.hypot(fy, fx) <= 0.5
+
+
+def _recordable(cfg: SynthConfig, rng: np.random.Generator, vary_angle: bool) -> SynthConfig:
+    """A set-up whose sideband fits below Nyquist, as a working microscope's does: fringes near 2 px
+    are only usable near 45°, so another angle is drawn (or, failing that, the pupil narrowed)."""
+    for _ in range(32 if vary_angle else 0):
+        if _fits_nyquist(cfg):
+            return cfg
+        cfg = dataclasses.replace(cfg, fringe_angle_deg=float(rng.uniform(0.0, 360.0)))
+    fy, fx = carrier_frequency(cfg)
+    room = (0.5 - max(abs(fy), abs(fx))) / math.hypot(fy, fx)
+    return cfg if _fits_nyquist(cfg) else dataclasses.replace(cfg, pupil_fraction=max(0.1, 0.95 * room))
 
 
 @dataclass(frozen=True)

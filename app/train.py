@@ -45,9 +45,9 @@ from app.datasets import (
     make_loader,
     split_samples,
 )
+from app.hologram import NUM_CHANNELS
 from app.losses import LossError, build_loss, cascade_weights
 from app.metrics import ConfusionMatrix, json_safe
-from app.hologram import NUM_CHANNELS
 from app.preprocess import PreprocessError, PreprocessSettings, recipe
 from models import CheckpointError, ModelError, build_model, list_models, model_options, save_checkpoint
 from models.backbones import load_backbone_weights
