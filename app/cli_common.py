@@ -279,8 +279,8 @@ def guarded_main(prog: str, body: Callable[[], int]) -> int:
     except PipelineError as exc:
         log.debug("traceback", exc_info=exc)
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        # Bad input found by a stage (a background hologram of another size than the frames) is still bad input.
-        return EXIT_USAGE if isinstance(exc.cause, _user_errors()) else EXIT_FAILURE
+        # A background hologram that does not fit the frames is found on the first frame: still bad input.
+        return EXIT_USAGE if isinstance(exc.cause, HologramError) else EXIT_FAILURE
     except CliError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -15,7 +15,7 @@ printed before anything is measured; the markdown table is printed at the end.
 JSON layout (top level): ``machine`` (CPU model and cores, GPU, torch / ONNX Runtime / OpenCV versions,
 git commit), ``weights`` (which model, and whether it is the trained checkpoint), ``config``,
 ``estimated_s``, ``duration_s``, one key per section that ran — ``storage`` (+ ``storage_gap``),
-``stages``, ``models``, ``end_to_end`` (``pipeline_fps``, ``naive_fps``, ``speedup``,
+``stages``, ``hologram`` (demodulation per frame, ours beside qpretrieve), ``models``, ``end_to_end`` (``pipeline_fps``, ``naive_fps``, ``speedup``,
 ``slowest_stage``, ``slowest_stage_fps``, ``efficiency``) — and ``targets`` (name, measured, required,
 met).
 """
@@ -35,7 +35,7 @@ from typing import Any
 
 from app.config import Config, ConfigError, add_config_arguments, config_from_args
 
-SECTIONS = ("storage", "stages", "models", "end_to_end")
+SECTIONS = ("storage", "stages", "hologram", "models", "end_to_end")
 QUICK_OVERRIDES = (
     "benchmark.repeats=3",
     "benchmark.warmup=1",
@@ -144,6 +144,9 @@ def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path],
             total += runs * bench.inference_frames * len(bench.backends) * len(bench.batch_sizes) * infer_s(size)
         if bench.large_input_size:
             total += 8 + 1.2 * min(bench.frames, 16) * (1 + runs * 0.15)
+    if "hologram" in sections:
+        total += 4 + bench.repeats * 8 * (0.06 + 0.3)  # 1024² and 2048² frames, ours and the torch path
+        total += 4 * 2 * 0.6  # qpretrieve's default pipeline
     if "models" in sections:
         with torch.device("meta"):
             for name in list(bench.models) or list_models():
@@ -209,6 +212,12 @@ def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, A
                                     f"(best: {best['threads']} threads, {best['fps']:.1f} of {best['bound_fps']:.1f} fps)",
                             "measured": round(best["ratio"], 3), "required": f">= {HDD_RATIO_TARGET}",
                             "met": best["ratio"] >= HDD_RATIO_TARGET})
+    if result.get("hologram"):
+        from benchmarks.hologram import target
+
+        demodulation = target(result["hologram"])
+        if demodulation:
+            targets.append(demodulation)
     one_core = config.benchmark.one_core_size
     for stage, what in (("overlay", "overlay"), ("metrics", "metrics update (ConfusionMatrix)")):
         rows = [r for r in (result.get("stages") or {}).get("results", [])
@@ -240,7 +249,7 @@ def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, A
 def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Path | None,
         log: Callable[[str], None], quick: bool = False, command: str = "") -> dict[str, Any]:
     """Run the chosen sections and return the full result dict (see the module docstring)."""
-    from benchmarks import end_to_end, model_latency, stages, storage
+    from benchmarks import end_to_end, hologram, model_latency, stages, storage
     from benchmarks.machine import machine_info
     from benchmarks.workload import Context, FrameCache, load_model
 
@@ -276,7 +285,8 @@ def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Pat
     with tempfile.TemporaryDirectory(prefix="cellseg-bench-", dir=workdir) as scratch:
         ctx = Context(config, loaded, FrameCache(Path(scratch)), Path(scratch), log)
         runners = {"storage": lambda: storage.run_section(bench, dirs, Path(scratch), log),
-                   "stages": lambda: stages.run_section(ctx), "models": lambda: model_latency.run_section(ctx),
+                   "stages": lambda: stages.run_section(ctx), "hologram": lambda: hologram.run_section(ctx),
+                   "models": lambda: model_latency.run_section(ctx),
                    "end_to_end": lambda: end_to_end.run_section(ctx)}
         for name in sections:
             try:

@@ -158,6 +158,17 @@ def _stages(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _hologram(section: dict[str, Any]) -> list[str]:
+    lines = ["", "## Hologram demodulation", "",
+             "Off-axis demodulation per frame; contenders interleaved on the same 12-bit synthetic holograms, "
+             f"medians (torch path on {section['device']}; qpretrieve {section.get('qpretrieve') or 'not installed'}).",
+             ""]
+    rows = [(r["method"], r["size"], r["cores"], r["ms_per_frame"], r["fps"], r["frames_timed"])
+            for r in section["results"]]
+    lines.append(table(["method", "frame (px)", "cores", "ms/frame", "fps (frames/s)", "frames timed"], rows))
+    return lines
+
+
 def _models(section: dict[str, Any]) -> list[str]:
     gsize = section["gflops_size"]
     lines = ["", "## Models", "", f"Latency = median time of one forward pass on a 1×C×{section['size']}² batch "
@@ -178,6 +189,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += _storage(result["storage"], result.get("storage_gap"))
     if "stages" in result:
         lines += _stages(result["stages"])
+    if "hologram" in result:
+        lines += _hologram(result["hologram"])
     if "models" in result:
         lines += _models(result["models"])
     for message in result.get("notes", []):

@@ -111,7 +111,7 @@ def test_meta_is_json_with_parameters():
     assert meta["carrier_frequency_cycles_per_px"] == pytest.approx(dict(zip(("fy", "fx"), carrier_frequency(cfg), strict=True)))
 
 
-@pytest.mark.parametrize("changes", [{"size": 16}, {"frames": 0}, {"bit_depth": 12}, {"fringe_period_px": 2.0}])
+@pytest.mark.parametrize("changes", [{"size": 16}, {"frames": 0}, {"bit_depth": 9}, {"generator": "holo"}, {"fringe_period_range_px": (1.5, 3.0)}, {"fringe_period_px": 2.0}])
 def test_invalid_settings_are_rejected(changes):
     with pytest.raises(SynthError, match=next(iter(changes))):
         InterferogramSequence(small(**changes))
