@@ -289,15 +289,20 @@ def inverse_of(field: np.ndarray) -> np.ndarray:
 def remove_piston(field: np.ndarray) -> np.ndarray:
     """Rotate the field so its dominant (background) phase is 0: the mean unit phasor (in place).
 
-    Estimated on every 4th sample per axis: the piston is one number, and the field is smooth."""
+    Estimated on every 4th sample per axis (the piston is one number, the field is smooth), twice: the
+    second mean takes only the samples within 0.5 rad of the first, so objects do not pull it."""
     sample = field[::4, ::4]
     phasor = sample / (np.abs(sample) + 1e-12)
-    mean = complex(phasor.mean())
+    mean = phasor.mean()
+    near = (phasor * np.conj(mean)).real > _PISTON_COS * abs(mean)
+    if near.any():
+        mean = phasor[near].mean()
     if abs(mean) > 1e-9:
         field *= np.complex64(np.conj(mean) / abs(mean))
     return field
 
 
+_PISTON_COS = math.cos(0.5)
 NUM_CHANNELS = 3
 CHANNEL_NAMES = ("sin_phase", "one_minus_cos_phase", "log_amplitude")
 LOG_AMPLITUDE_CLIP = 3.0
@@ -451,7 +456,12 @@ class TorchDemodulator:
         window = torch.where(t["conjugate"], window.conj(), window) * t["weights"]
         field = torch.fft.ifft2(window) * t["ramp_inverse"]
         sample = field[:, ::4, ::4]
-        mean = (sample / (sample.abs() + 1e-12)).mean(dim=(-2, -1), keepdim=True)
+        phasor = sample / (sample.abs() + 1e-12)
+        mean = phasor.mean(dim=(-2, -1), keepdim=True)
+        near = ((phasor * mean.conj()).real > _PISTON_COS * mean.abs()).to(phasor.real.dtype)
+        count = near.sum(dim=(-2, -1), keepdim=True)
+        robust = (phasor * near).sum(dim=(-2, -1), keepdim=True) / count.clamp(min=1)
+        mean = torch.where(count > 0, robust, mean)
         field = field * (mean.conj() / (mean.abs() + 1e-12))
         amplitude = field.abs()
         cos = field.real / (amplitude + 1e-12)
