@@ -117,6 +117,14 @@ class TorchBackend:
         self._traces: OrderedDict[tuple[Any, ...], torch.jit.ScriptModule] = OrderedDict()
         self.name = (f"torch {self.device} {self.precision}{' compiled' if compile else ''}"
                      f"{' traced' if self.trace else ''}")
+        self._input_transform: Any = None
+
+    def set_input_transform(self, transform: Any) -> None:
+        """Run ``transform`` (an object with ``channels(N×H×W tensor) -> N×C×H×W`` and ``out_channels``)
+        on the device before the model: the hologram stage on the GPU, so raw frames cross to the device
+        once and their field channels never come back to the host."""
+        self._input_transform = transform
+        self.name += " +hologram on device"
 
     @property
     def device(self) -> str:
@@ -136,6 +144,8 @@ class TorchBackend:
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         x = self._to_device(batch)
+        if self._input_transform is not None:
+            x = self._input_transform.channels(x[:, 0])
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = (torch.autocast("cuda", dtype=PRECISIONS[self.precision]) if self.precision != "fp32"
@@ -179,10 +189,21 @@ class TorchBackend:
         return self._logits(batch).argmax(dim=1).to(torch.uint8).cpu().numpy()
 
     def warmup(self, shape: tuple[int, ...], iters: int = 2) -> None:
-        """Run ``iters`` zero batches of ``shape`` (N×C×H×W) and wait for the device."""
-        zeros = np.zeros(shape, np.float32)
-        for _ in range(iters):
-            self.predict(zeros)
+        """Run ``iters`` zero batches of ``shape`` (N×C×H×W) and wait for the device.
+
+        With an input transform the zeros go to the model alone (in the channels it expects): the
+        transform's start-up (the hologram carrier) needs a real frame."""
+        if self._input_transform is not None:
+            zeros = torch.zeros((shape[0], self._input_transform.out_channels, *shape[2:]), device=self._device)
+            if self._channels_last:
+                zeros = zeros.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                for _ in range(iters):
+                    self._forward(zeros)
+        else:
+            zeros = np.zeros(shape, np.float32)
+            for _ in range(iters):
+                self.predict(zeros)
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 

@@ -231,7 +231,8 @@ def hologram_summary(preprocessor: Any) -> dict[str, Any]:
         return {}
     settings = preprocessor.settings
     carrier = demodulator.carrier
-    return {"hologram": settings.hologram, "hologram_filter": settings.hologram_filter,
+    return {"hologram": settings.hologram, "hologram_backend": "torch" if preprocessor.on_device else "numpy",
+            "hologram_filter": settings.hologram_filter,
             "hologram_filter_size": settings.hologram_filter_size,
             "background_file": settings.background_file or None,
             "carrier": None if carrier is None else {

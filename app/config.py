@@ -95,6 +95,7 @@ class PreprocessConfig:
     hologram_filter_size: float = 0.5
     hologram_carrier: tuple[float, ...] = ()
     background_file: str = ""
+    hologram_backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ class BenchmarkConfig:
     end_to_end_size: int = 512
     one_core_size: int = 1024
     gap_reference_fps: float = 23.0
+    hologram_sizes: tuple[int, ...] = (1024, 2048)
 
 
 @dataclass(frozen=True)

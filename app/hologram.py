@@ -408,6 +408,8 @@ class TorchDemodulator:
     from the first frame or the background; per frame: (N, H, W) float tensor -> (N, 3, H, W) channels.
     """
 
+    out_channels = NUM_CHANNELS
+
     def __init__(self, demodulator: OffAxisDemodulator, device: str = "cpu") -> None:
         import torch
 

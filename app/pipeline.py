@@ -41,6 +41,7 @@ mean/p50/p95 ms per frame, input-queue depth and drops.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -60,6 +61,8 @@ from app.overlay import HudInfo, OverlayRenderer
 from app.sinks import Rendered, Sink, close_all, open_sinks
 from app.sources import END_OF_STREAM, EndOfStream, Frame, Source, open_source
 from app.stats import StageStats, fps_over, latency_summary
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from app.config import Config
@@ -571,6 +574,19 @@ class Stages:
         self.source.close()
 
 
+def place_hologram_stage(preprocessor: Any, backend: Any) -> None:
+    """Run the hologram stage inside a torch backend (``torch.fft`` on its device) when
+    ``preprocess.hologram_backend`` is ``torch``, or ``auto`` and the model runs on CUDA; else it stays in
+    the preprocessing thread (NumPy/SciPy). ONNX and other backends always keep the NumPy path."""
+    demodulator = getattr(preprocessor, "demodulator", None)
+    choice = preprocessor.settings.hologram_backend if demodulator is not None else "numpy"
+    on_torch = hasattr(backend, "set_input_transform")
+    if choice == "torch" and not on_torch:
+        log.warning("preprocess.hologram_backend=torch needs the torch backend; demodulating with NumPy")
+    if on_torch and (choice == "torch" or (choice == "auto" and str(backend.device).startswith("cuda"))):
+        backend.set_input_transform(preprocessor.device_demodulator(str(backend.device)))
+
+
 def build_stages(config: Config, *, realtime: bool = True, num_classes: int | None = None,
                  backend: Any = None) -> Stages:
     """Load ``config.model.weights`` and build source, preprocessing, inference, overlay and sinks.
@@ -595,6 +611,7 @@ def build_stages(config: Config, *, realtime: bool = True, num_classes: int | No
         recorded = (meta.train_config or {}).get("preprocess")
         preprocessor = Preprocessor(settings_from(config.preprocess, meta.in_channels, meta.normalization,
                                                   recorded if isinstance(recorded, dict) else None))
+        place_hologram_stage(preprocessor, backend)
         inference = InferenceWorker(backend, batch_size=config.pipeline.batch_size,
                                     batch_timeout_ms=config.pipeline.batch_timeout_ms,
                                     warmup_iters=config.model.warmup_iters)

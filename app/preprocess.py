@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKGROUND_METHODS = ("first_n_mean", "running_average", "mog2", "none")
+HOLOGRAM_BACKENDS = ("auto", "numpy", "torch")
 
 
 class PreprocessError(ValueError):
@@ -194,6 +195,7 @@ class PreprocessSettings:
     hologram_filter_size: float = 0.5
     hologram_carrier: tuple[float, ...] = ()  # (period_px, angle_deg); empty = found from the data
     background_file: str = ""  # background hologram (run-time input, not part of the recipe)
+    hologram_backend: str = "auto"  # numpy | torch | auto (torch when the model runs on CUDA); run time
 
     @property
     def normalization_dict(self) -> dict[str, Any]:
@@ -214,8 +216,28 @@ class Preprocessor:
                                            settings.background_alpha)
         self._normalization = settings.normalization_dict
         self.demodulator = make_demodulator(settings, background_hologram)
+        self._on_device = False
+
+    @property
+    def on_device(self) -> bool:
+        """True when the model's backend demodulates (see :meth:`device_demodulator`): frames leave here
+        as 1×H×W float32 intensities."""
+        return self._on_device
+
+    def device_demodulator(self, device: str) -> Any:
+        """Hand the hologram stage to the model's device: from now on this preprocessor only converts
+        frames to float, and the returned :class:`app.hologram.TorchDemodulator` (sharing this one's
+        carrier, filter and background) runs in the backend."""
+        from app.hologram import TorchDemodulator
+
+        if self.demodulator is None:
+            raise PreprocessError("no hologram stage to move to the device")
+        self._on_device = True
+        return TorchDemodulator(self.demodulator, device=device)
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
+        if self._on_device:
+            return np.ascontiguousarray(convert_channels(frame, 1), dtype=np.float32)[None]
         if self.demodulator is not None:
             image = self.demodulator.channels(convert_channels(frame, 1))
         else:
@@ -241,6 +263,9 @@ def make_demodulator(settings: PreprocessSettings,
     (read here, so an unreadable file fails before the first frame)."""
     if settings.hologram not in HOLOGRAM_MODES:
         raise PreprocessError(f"unknown hologram mode '{settings.hologram}'; valid: {', '.join(HOLOGRAM_MODES)}")
+    if settings.hologram_backend not in HOLOGRAM_BACKENDS:
+        raise PreprocessError(f"unknown hologram backend '{settings.hologram_backend}'; valid: "
+                              f"{', '.join(HOLOGRAM_BACKENDS)}")
     if settings.hologram == "none":
         if settings.background_file:
             raise PreprocessError("a background hologram needs preprocess.hologram=offaxis (the checkpoint's "
@@ -285,6 +310,7 @@ def settings_from(config: PreprocessConfig, in_channels: int, normalization: dic
     return PreprocessSettings(in_channels=in_channels, input_size=config.input_size,
                               normalization=tuple(sorted(normalization.items())),
                               hologram_carrier=tuple(config.hologram_carrier),
+                              hologram_backend=config.hologram_backend,
                               background_file=config.background_file, **source)
 
 

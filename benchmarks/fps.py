@@ -49,6 +49,7 @@ QUICK_OVERRIDES = (
     "benchmark.model_budget_s=2",
     "benchmark.onnx_max_params_m=30",
     "benchmark.end_to_end_size=256",
+    "benchmark.hologram_sizes=[512,1024]",
 )
 HDD_RATIO_TARGET = 0.9
 EFFICIENCY_TARGET = 0.9
@@ -145,8 +146,9 @@ def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path],
         if bench.large_input_size:
             total += 8 + 1.2 * min(bench.frames, 16) * (1 + runs * 0.15)
     if "hologram" in sections:
-        total += 4 + bench.repeats * 8 * (0.06 + 0.3)  # 1024² and 2048² frames, ours and the torch path
-        total += 4 * 2 * 0.6  # qpretrieve's default pipeline
+        for size in bench.hologram_sizes:
+            scale = (size / 1024) ** 2
+            total += scale * (2.0 + bench.repeats * 8 * 0.1 + 4 * 0.6)  # frames, ours + torch, qpretrieve
     if "models" in sections:
         with torch.device("meta"):
             for name in list(bench.models) or list_models():

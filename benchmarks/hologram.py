@@ -89,15 +89,14 @@ def _time_interleaved(contenders: dict[str, Callable[[np.ndarray], Any]], frames
 
 
 def run_section(ctx: Any) -> dict[str, Any]:
-    """Demodulation timings at ``benchmark.sizes`` plus 2048² (see the module docstring)."""
+    """Demodulation timings at ``benchmark.hologram_sizes`` (see the module docstring)."""
     import torch
 
     bench = ctx.config.benchmark
     device = "cuda" if torch.cuda.is_available() else "cpu"
     qpretrieve = _qpretrieve()
-    sizes = sorted({*bench.sizes, TARGET_SIZE, 2 * TARGET_SIZE})
     rows = []
-    for size in sizes:
+    for size in bench.hologram_sizes:
         frames = _frames(size, max(4, min(bench.frames, 8)))
         ctx.log(f"hologram: demodulation {size}²")
         ours = OffAxisDemodulator()
@@ -107,7 +106,7 @@ def run_section(ctx: Any) -> dict[str, Any]:
         contenders: dict[str, Callable[[np.ndarray], Any]] = {
             "ours field (NumPy/SciPy)": ours.field,
             "ours channels (NumPy/SciPy)": ours.channels,
-            f"torch channels ({device})": lambda f: gpu.channels(torch.from_numpy(f.astype(np.float32))[None]),
+            f"torch channels ({device})": lambda f, gpu=gpu: gpu.channels(torch.from_numpy(f.astype(np.float32))[None]),
         }
         if qpretrieve is not None:
             contenders["qpretrieve defaults"] = lambda f: qpretrieve.OffAxisHologram(f).run_pipeline()

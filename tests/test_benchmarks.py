@@ -167,7 +167,7 @@ TINY = [
     "benchmark.profiles=[hdd,nvme]", "benchmark.sizes=[128]", "benchmark.inference_frames=4",
     "benchmark.batch_sizes=[1,2]", "benchmark.models=[icnet]", "benchmark.model_size=64",
     "benchmark.onnx_max_params_m=0", "benchmark.end_to_end_size=128", "benchmark.large_input_size=0",
-    "benchmark.one_core_size=128",
+    "benchmark.one_core_size=128", "benchmark.hologram_sizes=[128]",
 ]
 
 
@@ -220,6 +220,12 @@ def test_quick_run_writes_every_promised_key(smoke_run: tuple[Path, dict, str]) 
     inference = [r for r in result["stages"]["results"] if r["stage"] == "inference"]
     assert {(r["backend"], r["batch"]) for r in inference} == {("torch", 1), ("torch", 2), ("onnx", 1), ("onnx", 2)}
     assert all(r["fps"] > 0 for r in result["stages"]["results"])
+
+    hologram = result["hologram"]["results"]
+    assert {r["method"].split(" (")[0] for r in hologram} >= {"ours field", "ours channels", "torch channels"}
+    assert all(r["size"] == 128 and r["ms_per_frame"] > 0 for r in hologram)
+    if result["hologram"]["qpretrieve"]:
+        assert any(r["method"] == "qpretrieve defaults" for r in hologram)
 
     models = result["models"]["results"]
     assert {r["backend"] for r in models} == {"torch", "onnx"}

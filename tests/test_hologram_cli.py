@@ -143,3 +143,19 @@ def test_evaluate_background_and_sweep(hologram_weights, sequence_dir, tmp_path)
     assert "fringe_period_px | miou" in result.stdout
     bad = run_cli("app.evaluate", "--weights", str(hologram_weights), "--synthetic", "--sweep", "nonsense=1")
     assert bad.returncode == 2 and "--sweep needs KEY=V1,V2" in bad.stderr
+
+
+def test_hologram_stage_on_the_torch_device_gives_the_same_masks(hologram_weights, sequence_dir, tmp_path) -> None:
+    """preprocess.hologram_backend=torch (torch.fft in the backend, what a GPU run uses) against NumPy."""
+    masks = {}
+    for choice in ("numpy", "torch"):
+        result = run_cli("app.replay", str(sequence_dir / "images"), "--weights", str(hologram_weights),
+                         "--background", str(sequence_dir / "background.png"), "--masks", str(tmp_path / choice),
+                         "--set", f"preprocess.hologram_backend={choice}", "--stats", str(tmp_path / f"{choice}.json"))
+        assert result.returncode == 0, result.stderr
+        masks[choice] = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((tmp_path / choice).glob("*.png"))]
+    assert len(masks["torch"]) == len(masks["numpy"]) == 3
+    for a, b in zip(masks["numpy"], masks["torch"], strict=True):
+        assert (a == b).mean() > 0.999
+    assert json.loads((tmp_path / "torch.json").read_text())["preprocessing"]["hologram_backend"] == "torch"
+    assert json.loads((tmp_path / "numpy.json").read_text())["preprocessing"]["hologram_backend"] == "numpy"
