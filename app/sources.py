@@ -473,11 +473,11 @@ class SyntheticSource(Source):
     """
 
     def __init__(self, synth: SynthConfig, fps: float, loop: bool = False, paced: bool = True) -> None:
-        from app.synth import InterferogramSequence
+        from app.synth import make_sequence
 
         super().__init__()
         try:
-            self.sequence = InterferogramSequence(synth)
+            self.sequence = make_sequence(synth)
         except ValueError as exc:
             raise SourceError(f"synthetic source: {exc}") from exc
         self.fps = fps if paced else 0.0
