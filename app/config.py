@@ -93,6 +93,7 @@ class PreprocessConfig:
     hologram: str = "none"
     hologram_filter: str = "smooth_disk"
     hologram_filter_size: float = 0.5
+    hologram_background_fit: bool = True
     hologram_carrier: tuple[float, ...] = ()
     background_file: str = ""
     hologram_backend: str = "auto"

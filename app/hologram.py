@@ -347,17 +347,19 @@ class OffAxisDemodulator:
 
     State (the start-up work, never repeated per frame): the carrier, found from the background hologram
     when one is given, else from the first frame, unless ``carrier`` fixes it; the sideband plan; and
-    the inverse of the reference field, which is the background hologram's own field or, without one,
-    a smooth stand-in fitted to the first frame (:func:`reference_field`). A frame of another size
+    the inverse of the reference field, which is the background hologram's own field (with the tilt
+    and curvature left between it and the first frame fitted away, unless ``background_fit`` is off)
+    or, without one, a smooth stand-in fitted to the first frame (:func:`reference_field`). A frame of another size
     starts over (new carrier and plan); a background hologram of another size is an error.
     Use one instance per stream, from one thread.
     """
 
     def __init__(self, carrier: Carrier | None = None, filter_name: str = "smooth_disk",
-                 filter_size: float = 0.5, background: np.ndarray | None = None) -> None:
+                 filter_size: float = 0.5, background: np.ndarray | None = None, background_fit: bool = True) -> None:
         self.fixed_carrier = carrier.canonical() if carrier is not None else None
         self.filter_name = filter_name
         self.filter_size = filter_size
+        self.background_fit = background_fit
         self.background = _gray_float(background) if background is not None else None
         self.plan: SidebandPlan | None = None
         self.reference_inverse: np.ndarray | None = None
@@ -378,6 +380,11 @@ class OffAxisDemodulator:
         reference = sideband_field(first, self.plan)
         if self.background is None:
             reference = reference_field(reference)
+        elif self.background_fit:
+            # A background is rarely recorded with the sample holder exactly in place: the tilt and
+            # curvature left between the first frame and it are fitted once, like the carrier.
+            residual = polynomial_phase(sideband_field(image, self.plan) * inverse_of(reference))
+            reference = (reference * np.exp(1j * residual)).astype(np.complex64)
         self.reference_inverse = inverse_of(reference)
 
     def field(self, image: np.ndarray) -> np.ndarray:

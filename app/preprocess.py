@@ -193,6 +193,7 @@ class PreprocessSettings:
     hologram: str = "none"  # none | offaxis: demodulate off-axis holograms into field channels
     hologram_filter: str = "smooth_disk"
     hologram_filter_size: float = 0.5
+    hologram_background_fit: bool = True  # remove the residual tilt/curvature after the background division
     hologram_carrier: tuple[float, ...] = ()  # (period_px, angle_deg); empty = found from the data
     background_file: str = ""  # background hologram (run-time input, not part of the recipe)
     hologram_backend: str = "auto"  # numpy | torch | auto (torch when the model runs on CUDA); run time
@@ -280,11 +281,11 @@ def make_demodulator(settings: PreprocessSettings,
     if background_hologram is None and settings.background_file:
         background_hologram = load_background_hologram(settings.background_file)
     return OffAxisDemodulator(carrier, settings.hologram_filter, settings.hologram_filter_size,
-                              background=background_hologram)
+                              background=background_hologram, background_fit=settings.hologram_background_fit)
 
 
 _RECIPE_KEYS = ("clahe", "clahe_clip_limit", "clahe_tile_grid", "background", "background_frames",
-                "background_alpha", "hologram", "hologram_filter", "hologram_filter_size")
+                "background_alpha", "hologram", "hologram_filter", "hologram_filter_size", "hologram_background_fit")
 
 
 def settings_from(config: PreprocessConfig, in_channels: int, normalization: dict[str, Any],

@@ -78,6 +78,7 @@ RANDOM_RANGES: dict[str, Any] = {
 }
 BIT_DEPTHS = (8, 10, 12, 16)
 _MAX_IGNORE_PX = 6
+_BACKGROUND_MISMATCH_RAD = 1.5  # largest tilt + curvature between a background and its frames
 _DEBRIS_PROBABILITY = 0.3  # share of tracked things that are sub-resolution debris (background class)
 
 
@@ -357,8 +358,15 @@ class HologramSequence:
         return SynthFrame(index, image, self._label(inside), phase)
 
     def background(self) -> np.ndarray:
-        """The object-free hologram of this set-up (its own noise draw), as a lab records per session."""
-        return self._record(self._illumination, 4, 0)
+        """The object-free hologram of this set-up (its own noise draw), as a lab records per session:
+        with the sample holder not quite back in place (a small random tilt and curvature, up to
+        ``_BACKGROUND_MISMATCH_RAD`` across the field)."""
+        rng = np.random.default_rng([self.cfg.seed, 5])
+        size = self.cfg.size
+        y, x = np.mgrid[-1.0:1.0:size * 1j, -1.0:1.0:size * 1j]
+        terms = (x, y, x * x + y * y)
+        mismatch = sum(rng.uniform(-1.0, 1.0) * t for t in terms) * (_BACKGROUND_MISMATCH_RAD / len(terms))
+        return self._record(self._illumination * np.exp(1j * mismatch).astype(np.complex64), 4, 0)
 
     def _label(self, inside: np.ndarray) -> np.ndarray:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * self._ignore_px + 1,) * 2)

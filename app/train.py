@@ -131,7 +131,8 @@ def preprocess_settings(cfg: Config) -> PreprocessSettings:
         clahe_tile_grid=cfg.preprocess.clahe_tile_grid, background=train.background,
         background_frames=cfg.preprocess.background_frames, background_alpha=cfg.preprocess.background_alpha,
         input_size=0, normalization=tuple(sorted(normalization.items())), hologram=train.hologram,
-        hologram_filter=cfg.preprocess.hologram_filter, hologram_filter_size=cfg.preprocess.hologram_filter_size)
+        hologram_filter=cfg.preprocess.hologram_filter, hologram_filter_size=cfg.preprocess.hologram_filter_size,
+        hologram_background_fit=cfg.preprocess.hologram_background_fit)
 
 
 def synthetic_seeds(cfg: Config) -> tuple[list[int], list[int]]:

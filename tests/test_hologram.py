@@ -85,10 +85,12 @@ def test_demodulated_phase_matches_the_objects_phase() -> None:
 
 
 def test_background_division_cancels_dust_and_aberration() -> None:
-    seq = _sequence(num_cells=0, num_dust_rings=4, dust_strength=0.3, aberration_rad=5.0, noise_std=0.005)
+    seq = _sequence(num_cells=0, num_dust_rings=4, dust_strength=0.3, aberration_rad=5.0, noise_std=0.005,
+                    parasitic_fringes=0)
     frame = seq.frame(0).image
-    with_background = np.angle(H.OffAxisDemodulator(background=seq.background()).field(frame))
-    without = np.angle(H.OffAxisDemodulator().field(frame))
+    inner = (slice(6, -6), slice(6, -6))  # the FFT's periodic wrap spoils the outermost samples
+    with_background = np.angle(H.OffAxisDemodulator(background=seq.background()).field(frame))[inner]
+    without = np.angle(H.OffAxisDemodulator().field(frame))[inner]
     assert with_background.std() < 0.1
     assert without.std() > 2 * with_background.std()
 
@@ -159,7 +161,8 @@ def test_phase_agrees_with_qpretrieve_on_hl60() -> None:
     # The background with the hologram's sideband, as qpretrieve users do (its own search can land a bin away).
     back.run_pipeline(filter_name="smooth disk", filter_size=0.5, sideband_freq=holo.pipeline_kws["sideband_freq"])
     theirs = np.squeeze(holo.field) / np.squeeze(back.field)
-    ours = H.OffAxisDemodulator(filter_name="smooth_disk", filter_size=0.5, background=background).full_field(hologram)
+    ours = H.OffAxisDemodulator(filter_name="smooth_disk", filter_size=0.5, background=background,
+                                background_fit=False).full_field(hologram)
     # qpretrieve takes the other sideband of the pair: its phase has the opposite sign.
     difference = np.angle(ours * theirs)[inside]
     difference -= np.median(difference)
