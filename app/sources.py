@@ -554,7 +554,10 @@ def open_source(uri: str, config: Config, *, realtime: bool = True) -> Source:
                               "prefetch_depth": settings.prefetch_depth, "strict": settings.strict,
                               "loop": settings.loop}
     if path.is_dir():
-        return ImageSequenceSource(_image_paths(glob.escape(str(path)) + "/*"), text, **loader)
+        # A dataset or app.synth folder (images/, masks/, background.png): its frames are in images/.
+        frames_dir = path / "images" if (path / "images").is_dir() else path
+        paths = _image_paths(glob.escape(str(frames_dir)) + "/*")
+        return ImageSequenceSource(paths, text, **loader)
     if path.is_file():
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return ImageSequenceSource([path], text, **loader)

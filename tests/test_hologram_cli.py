@@ -159,3 +159,10 @@ def test_hologram_stage_on_the_torch_device_gives_the_same_masks(hologram_weight
         assert (a == b).mean() > 0.999
     assert json.loads((tmp_path / "torch.json").read_text())["preprocessing"]["hologram_backend"] == "torch"
     assert json.loads((tmp_path / "numpy.json").read_text())["preprocessing"]["hologram_backend"] == "numpy"
+
+
+def test_replay_takes_the_folder_app_synth_wrote(hologram_weights, sequence_dir, tmp_path) -> None:
+    result = run_cli("app.replay", str(sequence_dir), "--weights", str(hologram_weights), "--background",
+                     str(sequence_dir / "background.png"), "--masks", str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "m").glob("*.png"))) == 3  # the frames of images/, not background.png
