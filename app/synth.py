@@ -178,6 +178,19 @@ def validate(cfg: SynthConfig) -> None:
             raise SynthError(f"synth.{message}")
 
 
+def low_order_aberration(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, centre: float,
+                         peak_rad: float) -> np.ndarray:
+    """A static phase aberration (rad, ``xx``'s shape) of low orders only — defocus, astigmatism,
+    trefoil — with random weights, scaled to ``peak_rad``. No tilt, so the carrier peak stays where
+    :func:`carrier_frequency` says."""
+    x, y = (xx - centre) / centre, (yy - centre) / centre
+    terms = np.stack([x * x + y * y, x * x - y * y, 2 * x * y, x**3 - 3 * x * y * y, 3 * x * x * y - y**3])
+    aberration = np.tensordot(rng.standard_normal(len(terms)), terms, axes=1)
+    peak = np.abs(aberration).max()
+    aberration *= peak_rad / peak if peak > 0 else 0.0
+    return aberration
+
+
 def _smooth_walk(rng: np.random.Generator, length: int, step_std: float, smoothing: float) -> np.ndarray:
     """(length, 2) correlated Gaussian noise, std ``step_std``, time scale ``smoothing`` frames.
 
@@ -336,13 +349,7 @@ class InterferogramSequence:
             strength = rng.uniform(0.05, 0.15)
             dust += -1j * strength * np.exp(1j * np.pi * r2 / chirp) * np.exp(-r2 / extent**2)
 
-        # Static aberration from low orders only (defocus, astigmatism, trefoil): no tilt, so the
-        # carrier peak stays where carrier_frequency() says.
-        x, y = (xx - centre) / centre, (yy - centre) / centre
-        terms = np.stack([x * x + y * y, x * x - y * y, 2 * x * y, x**3 - 3 * x * y * y, 3 * x * x * y - y**3])
-        aberration = np.tensordot(rng.standard_normal(len(terms)), terms, axes=1)
-        peak = np.abs(aberration).max()
-        aberration *= cfg.aberration_rad / peak if peak > 0 else 0.0
+        aberration = low_order_aberration(rng, xx, yy, centre, cfg.aberration_rad)
 
         fy, fx = carrier_frequency(cfg)
         carrier = np.mod(2.0 * np.pi * (fx * xx + fy * yy), 2.0 * np.pi)

@@ -43,11 +43,13 @@ from app.synth import (
     IGNORE,
     SynthError,
     SynthFrame,
+    _arrival_frames,
     _bbox,
     _Cell,
     _cell_phase,
     _tracks,
     carrier_frequency,
+    low_order_aberration,
     validate,
 )
 
@@ -198,15 +200,9 @@ class HologramSequence:
 
     def _streams(self):
         cfg = self.cfg
+        # Arrivals balance departures, as in the classic generator.
         rate = 4.0 * cfg.num_cells * cfg.drift_px_per_frame / (math.pi * cfg.size)
-        births = [0] * cfg.num_cells
-        time = 0.0
-        arrivals = np.random.default_rng([cfg.seed, 2, 0])
-        while rate > 0.0:
-            time += arrivals.exponential(1.0 / rate)
-            if math.ceil(time) >= cfg.frames:
-                break
-            births.append(max(1, math.ceil(time)))
+        births = [0] * cfg.num_cells + _arrival_frames(np.random.default_rng([cfg.seed, 2, 0]), rate, cfg.frames)
         for k, birth in enumerate(births):
             yield birth, k >= cfg.num_cells, np.random.default_rng([cfg.seed, 2, 1, k])
 
@@ -279,11 +275,7 @@ class HologramSequence:
         band = 1 + 0.5 * abs(cfg.defocus_px) * cfg.wavelength_px * cutoff
         self._ignore_px = int(min(round(band), _MAX_IGNORE_PX))
 
-        x, y = (xx - centre) / centre, (yy - centre) / centre
-        terms = np.stack([x * x + y * y, x * x - y * y, 2 * x * y, x**3 - 3 * x * y * y, 3 * x * x * y - y**3])
-        aberration = np.tensordot(rng.standard_normal(len(terms)), terms, axes=1)
-        peak = np.abs(aberration).max()
-        aberration *= cfg.aberration_rad / peak if peak > 0 else 0.0
+        aberration = low_order_aberration(rng, xx, yy, centre, cfg.aberration_rad)
         cfy, cfx = carrier_frequency(cfg)
         reference = np.exp(1j * (2.0 * np.pi * (cfx * xx + cfy * yy) + aberration))
         visibility = cfg.fringe_visibility
