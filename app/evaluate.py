@@ -276,8 +276,10 @@ def _run(args: argparse.Namespace) -> int:
         return run_sweep(sweep, cfg, args, backend, settings, meta)
     if args.synthetic:
         frames = synthetic_frames(cfg, args.sequences, args.with_background)
-        what = (f"synthetic {cfg.synth.generator}{' randomised' if cfg.synth.randomize else ''} sequences seeds "
-                f"{cfg.synth.seed}-{cfg.synth.seed + args.sequences - 1}, {cfg.synth.frames} frames of "
+        seeds = (f"sequence seed {cfg.synth.seed}" if args.sequences == 1 else
+                 f"sequences seeds {cfg.synth.seed}-{cfg.synth.seed + args.sequences - 1}")
+        what = (f"synthetic {cfg.synth.generator}{' randomised' if cfg.synth.randomize else ''} {seeds}, "
+                f"{cfg.synth.frames} frames each of "
                 f"{cfg.synth.size}×{cfg.synth.size}{', with background' if args.with_background else ''}")
     elif has_labels(Path(args.data)):
         frames, what = folder_frames(Path(args.data)), args.data
