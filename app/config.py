@@ -129,6 +129,7 @@ class OverlayConfig:
     contours: bool = True
     contour_thickness: int = 1
     hud: bool = True
+    base: str = "auto"
 
 
 @dataclass(frozen=True)

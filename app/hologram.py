@@ -322,6 +322,14 @@ def field_channels(field: np.ndarray) -> np.ndarray:
     return np.stack([sin, 1.0 - cos, log_amplitude], axis=-1).astype(np.float32)
 
 
+def phase_picture(channels: np.ndarray) -> np.ndarray:
+    """Model channels (3×H×W float32, :func:`field_channels` order) -> H×W uint8 picture of the wrapped
+    phase: background (φ = 0) mid-grey, φ = ±π black/white, the way DHM software shows phase."""
+    sin, cos = channels[0], 1.0 - channels[1]
+    shifted = cv2.phase(-cos, -sin)  # φ + π in [0, 2π): the background lands at π, mid-grey
+    return cv2.convertScaleAbs(shifted, alpha=255.0 / (2.0 * math.pi))
+
+
 def phase_of(field: np.ndarray) -> np.ndarray:
     """Wrapped phase (float32 rad, (-π, π])."""
     return np.angle(field).astype(np.float32)

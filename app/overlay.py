@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -70,6 +71,16 @@ class HudInfo:
         return f"{self.fps:5.1f} fps  {self.latency_ms:5.0f} ms  dropped {self.frames_dropped}"
 
 
+OVERLAY_BASES = ("auto", "frame")
+
+
+def picture_of(frame: Any, base: str) -> np.ndarray:
+    """What the overlay draws on for ``frame`` (an :class:`app.sources.Frame`): its display picture
+    (the hologram's phase) with ``base`` auto when there is one, else the frame itself."""
+    display = getattr(frame, "display", None)
+    return display if base == "auto" and display is not None else frame.image
+
+
 class OverlayRenderer:
     """Colours a label map over its frame (see the module docstring for the contract).
 
@@ -78,9 +89,12 @@ class OverlayRenderer:
     """
 
     def __init__(self, palette: Sequence[Sequence[int]], *, alpha: float = 0.5, contours: bool = True,
-                 contour_thickness: int = 1, hud: bool = True) -> None:
+                 contour_thickness: int = 1, hud: bool = True, base: str = "auto") -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
+        if base not in OVERLAY_BASES:
+            raise ValueError(f"overlay base must be one of {', '.join(OVERLAY_BASES)}, got '{base}'")
+        self.base = base  # auto: a frame's display picture (hologram phase) when it has one; frame: the raw frame
         self.lut = palette_lut(palette)
         self.alpha = float(alpha)
         self.contours = contours

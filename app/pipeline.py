@@ -41,6 +41,7 @@ mean/p50/p95 ms per frame, input-queue depth and drops.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -57,7 +58,7 @@ import numpy as np
 from app.config import PipelineConfig
 from app.cpu import affinity_plan
 from app.inference import InferenceWorker, Stopped, collect_batch, queue_get
-from app.overlay import HudInfo, OverlayRenderer
+from app.overlay import HudInfo, OverlayRenderer, picture_of
 from app.sinks import Rendered, Sink, close_all, open_sinks
 from app.sources import END_OF_STREAM, EndOfStream, Frame, Source, open_source
 from app.stats import StageStats, fps_over, latency_summary
@@ -333,6 +334,7 @@ class Pipeline:
             self._current["preprocess"] = frame.index
             start = time.perf_counter()
             tensor = self.preprocessor(frame.image)
+            frame = with_display(frame, self.preprocessor, tensor, self.renderer.base)
             stats.record(time.perf_counter() - start)
             if live:
                 self._put_newest(target, (frame, tensor), stats)
@@ -376,7 +378,7 @@ class Pipeline:
             self._current["overlay"] = frame.index
             start = time.perf_counter()
             hud = HudInfo(rate.tick(start), (start - frame.timestamp) * 1000.0, self.frames_dropped())
-            picture = self.renderer.render(frame.image, labels, hud)
+            picture = self.renderer.render(picture_of(frame, self.renderer.base), labels, hud)
             done = time.perf_counter()
             stats.record(done - start, t_done=done)
             self._put(target, Rendered(frame, labels, picture, (done - frame.timestamp) * 1000.0))
@@ -467,6 +469,16 @@ class Pipeline:
                                      f"did not stop within {self.settings.join_timeout_s:g} s"))
 
 
+def with_display(frame: Frame, preprocessor: Any, tensor: np.ndarray, base: str) -> Frame:
+    """``frame`` with the preprocessor's display picture attached (the hologram phase the overlay draws
+    on), when the overlay asks for one (``overlay.base: auto``) and the preprocessor makes one."""
+    make = getattr(preprocessor, "display_image", None)
+    if base != "auto" or make is None:
+        return frame
+    display = make(tensor)
+    return frame if display is None else dataclasses.replace(frame, display=display)
+
+
 def run_sequential(source: Source, preprocessor: Callable[[np.ndarray], np.ndarray],
                    inference: InferenceWorker, renderer: OverlayRenderer, sinks: Sequence[Sink],
                    settings: PipelineConfig | None = None, *, display: Display | None = None,
@@ -503,6 +515,7 @@ def run_sequential(source: Source, preprocessor: Callable[[np.ndarray], np.ndarr
             stage = "preprocess"
             start = time.perf_counter()
             tensor = preprocessor(frame.image)
+            frame = with_display(frame, preprocessor, tensor, renderer.base)
             stats["preprocess"].record(time.perf_counter() - start)
             stage = "inference"
             if inference.warmup(tensor.shape):
@@ -513,7 +526,7 @@ def run_sequential(source: Source, preprocessor: Callable[[np.ndarray], np.ndarr
             stage = "overlay"
             start = time.perf_counter()
             hud = HudInfo(rate.tick(start), (start - frame.timestamp) * 1000.0, source.frames_dropped)
-            picture = renderer.render(frame.image, labels, hud)
+            picture = renderer.render(picture_of(frame, renderer.base), labels, hud)
             done = time.perf_counter()
             stats["overlay"].record(done - start, t_done=done)
             stage = "sinks"
@@ -617,7 +630,7 @@ def build_stages(config: Config, *, realtime: bool = True, num_classes: int | No
                                     warmup_iters=config.model.warmup_iters)
         overlay = config.overlay
         renderer = OverlayRenderer(meta.palette, alpha=overlay.alpha, contours=overlay.contours,
-                                   contour_thickness=overlay.contour_thickness, hud=overlay.hud)
+                                   contour_thickness=overlay.contour_thickness, hud=overlay.hud, base=overlay.base)
         sinks = open_sinks(config.output, meta.class_names)
     except BaseException:
         source.close()

@@ -236,6 +236,15 @@ class Preprocessor:
         self._on_device = True
         return TorchDemodulator(self.demodulator, device=device)
 
+    def display_image(self, tensor: np.ndarray) -> np.ndarray | None:
+        """The phase picture (H×W uint8) of a tensor this preprocessor made, for the overlay; None
+        without a hologram stage on the CPU (then the overlay draws on the frame itself)."""
+        if self.demodulator is None or self._on_device or self.settings.input_size:
+            return None
+        from app.hologram import phase_picture
+
+        return phase_picture(tensor)
+
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         if self._on_device:
             return np.ascontiguousarray(convert_channels(frame, 1), dtype=np.float32)[None]

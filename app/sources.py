@@ -91,12 +91,16 @@ class SourceInfo:
 
 @dataclass(frozen=True)
 class Frame:
-    """One captured frame. ``image`` is H×W (gray) or H×W×3 (BGR), uint8 or uint16; never modified."""
+    """One captured frame. ``image`` is H×W (gray) or H×W×3 (BGR), uint8 or uint16; never modified.
+
+    ``display``: what the overlay draws on instead of ``image`` when set (H×W uint8, the same size),
+    e.g. the quantitative phase of a hologram, attached by the preprocessing stage."""
 
     index: int
     timestamp: float
     image: np.ndarray
     info: SourceInfo
+    display: np.ndarray | None = None
 
 
 class Source:

@@ -166,3 +166,51 @@ def test_replay_takes_the_folder_app_synth_wrote(hologram_weights, sequence_dir,
                      str(sequence_dir / "background.png"), "--masks", str(tmp_path / "m"))
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "m").glob("*.png"))) == 3  # the frames of images/, not background.png
+
+
+def test_phase_picture_maps_zero_phase_to_mid_grey() -> None:
+    from app.hologram import phase_picture
+
+    phase = np.array([[0.0, np.pi / 2, -np.pi / 2, 3.1]], np.float32)
+    channels = np.stack([np.sin(phase), 1.0 - np.cos(phase), np.zeros_like(phase)])
+    picture = phase_picture(channels)
+    assert picture.dtype == np.uint8 and picture.shape == (1, 4)
+    assert abs(int(picture[0, 0]) - 128) <= 1
+    assert abs(int(picture[0, 1]) - 191) <= 2 and abs(int(picture[0, 2]) - 64) <= 2 and picture[0, 3] > 250
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.pictures: list[np.ndarray] = []
+
+    def write(self, item) -> None:
+        self.pictures.append(item.overlay)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("base", ["auto", "frame"])
+def test_overlay_draws_on_the_phase_of_a_hologram(sequence_dir, base) -> None:
+    """overlay.base auto: the overlay shows the demodulated phase (mid-grey background), not the fringes."""
+    from app.config import Config, replace
+    from app.inference import InferenceWorker
+    from app.overlay import OverlayRenderer
+    from app.pipeline import run_sequential
+    from app.sources import open_source
+    from tests.pipeline_helpers import FakeBackend
+
+    config = replace(Config(), source={"uri": str(sequence_dir / "images")})
+    settings = PreprocessSettings(in_channels=3, hologram="offaxis", normalization=(("mode", "none"),),
+                                  background_file=str(sequence_dir / "background.png"))
+    capture = _Capture()
+    renderer = OverlayRenderer([(0, 0, 0), (0, 255, 0)], alpha=0.0, contours=False, hud=False, base=base)
+    run_sequential(open_source(config.source.uri, config, realtime=False), Preprocessor(settings),
+                   InferenceWorker(FakeBackend()), renderer, [capture])
+    first = capture.pictures[0][:, :, 0].astype(float)
+    raw = cv2.imread(str(sequence_dir / "images" / "000000.png"), cv2.IMREAD_UNCHANGED)
+    if base == "auto":
+        assert abs(np.median(first) - 128) < 12  # the phase picture: background at zero phase
+    else:  # alpha 0, no outlines: the picture is the raw frame as the renderer shows it
+        expected = renderer.render(raw, np.zeros(raw.shape[:2], np.uint8), None)
+        np.testing.assert_array_equal(capture.pictures[0], expected)
