@@ -126,7 +126,9 @@ def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path],
     runs = bench.warmup + bench.repeats
 
     def infer_s(size: int, model: Any = shipped) -> float:
-        return calibration.seconds(count_gflops(model, (1, 1, size, size)))
+        # The first convolution's input channels: 1 for the registry's grey models, 3 for the hologram model.
+        channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+        return calibration.seconds(count_gflops(model, (1, channels, size, size)))
 
     decode_s = 0.008  # a 1024² PNG on one core
     total = 0.0
