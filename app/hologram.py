@@ -330,11 +330,6 @@ def phase_picture(channels: np.ndarray) -> np.ndarray:
     return cv2.convertScaleAbs(shifted, alpha=255.0 / (2.0 * math.pi))
 
 
-def phase_of(field: np.ndarray) -> np.ndarray:
-    """Wrapped phase (float32 rad, (-π, π])."""
-    return np.angle(field).astype(np.float32)
-
-
 def resize_to(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a reduced-grid h×w(×C) float32 array to the frame's ``shape`` (H, W).
 

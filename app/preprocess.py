@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import cv2
 import numpy as np
 
-from app.hologram import HOLOGRAM_MODES, Carrier, OffAxisDemodulator, load_background_hologram
+from app.hologram import CHANNEL_NAMES, HOLOGRAM_MODES, Carrier, OffAxisDemodulator, load_background_hologram
 
 if TYPE_CHECKING:
     from app.config import PreprocessConfig
@@ -308,6 +308,7 @@ def settings_from(config: PreprocessConfig, in_channels: int, normalization: dic
     ``--set preprocess.background=mog2`` is never ignored silently.
     Channels and normalisation always come from the checkpoint; ``input_size`` from the config.
     """
+    check_hologram_channels(recorded)
     source: dict[str, Any] = {key: getattr(config, key) for key in _RECIPE_KEYS}
     if config.from_checkpoint and recorded:
         defaults = type(config)()
@@ -325,5 +326,18 @@ def settings_from(config: PreprocessConfig, in_channels: int, normalization: dic
 
 
 def recipe(settings: PreprocessSettings) -> dict[str, Any]:
-    """The part of ``settings`` a checkpoint records (inverse of :func:`settings_from`)."""
-    return {key: getattr(settings, key) for key in _RECIPE_KEYS}
+    """The part of ``settings`` a checkpoint records (inverse of :func:`settings_from`), with the model
+    channels the hologram stage makes when it is on."""
+    recorded = {key: getattr(settings, key) for key in _RECIPE_KEYS}
+    if settings.hologram != "none":
+        recorded["hologram_channels"] = list(CHANNEL_NAMES)
+    return recorded
+
+
+def check_hologram_channels(recorded: dict[str, Any] | None) -> None:
+    """A checkpoint trained on other hologram channels than this version makes cannot run (a recipe
+    without the key is from the first hologram models, which used today's channels)."""
+    channels = (recorded or {}).get("hologram_channels")
+    if channels is not None and tuple(channels) != CHANNEL_NAMES:
+        raise PreprocessError(f"the checkpoint was trained on hologram channels {', '.join(channels)}; this "
+                              f"version makes {', '.join(CHANNEL_NAMES)}")

@@ -78,7 +78,6 @@ RANDOM_RANGES: dict[str, Any] = {
     "drift_px_per_frame": (0.0, 3.0),
     "in_focus_probability": 0.4,  # share of sequences with |defocus| < 3 px
 }
-BIT_DEPTHS = (8, 10, 12, 16)
 _MAX_IGNORE_PX = 6
 _BACKGROUND_MISMATCH_RAD = 1.5  # largest tilt + curvature between a background and its frames
 _DEBRIS_PROBABILITY = 0.3  # share of tracked things that are sub-resolution debris (background class)

@@ -58,6 +58,9 @@ def test_recipe_round_trips_through_the_checkpoint_format() -> None:
     back = settings_from(PreprocessConfig(), 3, {"mode": "none"}, recorded)
     assert (back.hologram, back.hologram_filter, back.hologram_filter_size) == ("offaxis", "disk", 0.4)
     assert "background_file" not in recorded  # a run-time input, not part of the recipe
+    assert recorded["hologram_channels"] == ["sin_phase", "one_minus_cos_phase", "log_amplitude"]
+    with pytest.raises(PreprocessError, match="trained on hologram channels phase, amplitude"):
+        settings_from(PreprocessConfig(), 3, {"mode": "none"}, {**recorded, "hologram_channels": ["phase", "amplitude"]})
 
 
 def test_preprocessor_gives_field_channels() -> None:
