@@ -563,17 +563,19 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m app.synth",
         description="Write a synthetic off-axis interferogram sequence of moving cells with exact masks: "
                     "DIR/images/NNNNNN.png, DIR/masks/NNNNNN.png (0 = background, 1 = cell, 255 = ignore) "
-                    "and DIR/meta.json. Flags override the synth section of the config.",
+                    "and DIR/meta.json (propagated generator: also DIR/background.png, the hologram without "
+                    "objects). Flags override the synth section of the config.",
         epilog="Example: python -m app.synth --out data/seq0 --frames 100 --size 512 --seed 7 --video seq0.mp4. "
                "Fringe period and angle, cell count, noise, blur and the other physical settings are "
                "synth.* keys in config.yaml (change them with --set, e.g. --set synth.fringe_period_px=5). "
-               "The same frames in memory: app.synth.InterferogramSequence(load_config().synth).frame(i).",
+               "The same frames in memory: app.synth.make_sequence(load_config().synth).frame(i).",
     )
     parser.add_argument("--out", metavar="DIR", required=True, type=Path, help="output folder (created if missing)")
     parser.add_argument("--frames", metavar="N", type=int, help="number of frames (default: synth.frames)")
     parser.add_argument("--size", metavar="S", type=int, help=f"frame side in pixels, >= {MIN_SIZE} (default: synth.size)")
     parser.add_argument("--seed", metavar="K", type=int, help="random seed; same seed, same sequence (default: synth.seed)")
-    parser.add_argument("--bit-depth", metavar="8|16", type=int, help="8- or 16-bit PNG images (default: synth.bit_depth)")
+    parser.add_argument("--bit-depth", metavar="8|10|12|16", type=int,
+                        help="bits per pixel of the PNG images; 10-16 are stored in 16-bit PNGs (default: synth.bit_depth)")
     parser.add_argument("--video", metavar="FILE.mp4", type=Path, help="also write the frames as a video (.mp4 with mp4v, or .avi; 8-bit)")
     parser.add_argument("--fps", metavar="F", type=float, help="frame rate stored in the MP4 (default: output.video_fps)")
     parser.add_argument("--randomize", action="store_true",
