@@ -184,8 +184,9 @@ def test_cli_help_explains_every_option(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--out", "--frames", "--size", "--seed", "--bit-depth", "--video", "--fps", "--config", "--set"):
+    for option in ("--out", "--frames", "--size", "--seed", "--bit-depth", "--video", "--fps", "--config", "--set",
+                   "--randomize", "--like", "--sequences"):
         assert option in text
     # Where the physical settings live and how to get the frames in memory.
     assert "synth.fringe_period_px" in " ".join(text.split())
-    assert "InterferogramSequence" in text
+    assert "make_sequence" in text
