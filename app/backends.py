@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BACKENDS = ("torch", "onnx")
 TRACE_CACHE = 8
+_TRANSFORM_SUFFIX = " +hologram on device"
 """Traced graphs a :class:`TorchBackend` keeps (one per input shape, least recently used dropped)."""
 
 
@@ -120,11 +121,11 @@ class TorchBackend:
         self._input_transform: Any = None
 
     def set_input_transform(self, transform: Any) -> None:
-        """Run ``transform`` (an object with ``channels(N×H×W tensor) -> N×C×H×W`` and ``out_channels``)
+        """Run ``transform`` (None: no transform) (an object with ``channels(N×H×W tensor) -> N×C×H×W`` and ``out_channels``)
         on the device before the model: the hologram stage on the GPU, so raw frames cross to the device
         once and their field channels never come back to the host."""
         self._input_transform = transform
-        self.name += " +hologram on device"
+        self.name = self.name.removesuffix(_TRANSFORM_SUFFIX) + (_TRANSFORM_SUFFIX if transform is not None else "")
 
     @property
     def device(self) -> str:

@@ -42,7 +42,7 @@ def run_section(ctx: Context) -> dict[str, Any]:
     from app.config import replace
     from app.inference import InferenceWorker
     from app.overlay import OverlayRenderer
-    from app.pipeline import Pipeline, run_sequential
+    from app.pipeline import Pipeline, place_hologram_stage, run_sequential
     from app.sinks import open_sinks
     from app.sources import open_source
 
@@ -78,13 +78,21 @@ def run_section(ctx: Context) -> dict[str, Any]:
         except BaseException:
             source.close()
             raise
-        stages = (source, preprocessor(ctx.loaded, config), workers[mode], renderer, sinks, mode_config.pipeline)
+        stages = (source, placed(backends[mode]), workers[mode], renderer, sinks, mode_config.pipeline)
         if mode == "pipeline":
             return Pipeline(*stages).run()
         return run_sequential(*stages)
 
+    def placed(target: Any) -> Any:
+        """The shipped model's preprocessing; on CUDA its hologram stage runs in ``target`` (torch.fft),
+        as build_stages arranges it."""
+        preprocess = preprocessor(ctx.loaded, config)
+        place_hologram_stage(preprocess, target)
+        return preprocess
+
     frames = ctx.cache.frames(size, count)
-    tensors = [preprocessor(ctx.loaded, config)(image) for image in frames.images]
+    standalone = placed(backend)
+    tensors = [standalone(image) for image in frames.images]
     sizes = [image.shape[:2] for image in frames.images]
     batch = config.pipeline.batch_size
     batches = [(tensors[i:i + batch], sizes[i:i + batch]) for i in range(0, count - batch + 1, batch)]
@@ -92,7 +100,7 @@ def run_section(ctx: Context) -> dict[str, Any]:
     sinks_alone = replace(run_config, output=outputs("sinks-alone")).output
     runners = {
         "source": (source_runner(folder, run_config), 1),
-        "preprocess": (preprocess_runner(lambda: preprocessor(ctx.loaded, config), frames.images), 1),
+        "preprocess": (preprocess_runner(lambda: placed(backend), frames.images), 1),
         "inference": (predict_runner(lambda b: worker.predict(*b), batches, backend.device), batch),
         "overlay": (overlay_runner(renderer, frames.images, frames.labels), 1),
         "sinks": (sinks_runner(lambda: open_sinks(sinks_alone, meta.class_names),
@@ -122,8 +130,12 @@ def run_section(ctx: Context) -> dict[str, Any]:
     stages["sinks"]["close_ms"] = statistics.median(closing_ms[bench.warmup:])
     slowest = min(stages, key=lambda name: stages[name]["fps"])
     last = runs["pipeline"][-1]
+    name = backend.name
+    for used in backends.values():  # the backends are shared with other sections, which feed field channels
+        if hasattr(used, "set_input_transform"):
+            used.set_input_transform(None)
     return {
-        "size": size, "frames": count, "backend": backend.name, "batch_size": batch, "outputs": list(OUTPUTS),
+        "size": size, "frames": count, "backend": name, "batch_size": batch, "outputs": list(OUTPUTS),
         "threads": {mode: getattr(b, "threads", None) or None for mode, b in backends.items()},
         "pipeline_fps": pipeline_fps, "pipeline_fps_runs": [r.throughput_fps for r in runs["pipeline"]],
         "naive_fps": naive_fps, "naive_fps_runs": [r.throughput_fps for r in runs["naive"]],
