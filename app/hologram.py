@@ -153,6 +153,14 @@ def _window_side(extent_bins: float, full: int, oversample: float) -> int:
     return min(side, full)
 
 
+def check_filter(filter_name: str, filter_size: float) -> None:
+    """Raise :class:`HologramError` for an unknown filter or a size outside (0, 1]."""
+    if filter_name not in FILTERS:
+        raise HologramError(f"unknown hologram filter '{filter_name}'; valid: {', '.join(FILTERS)}")
+    if not 0.0 < filter_size <= 1.0:
+        raise HologramError(f"hologram filter_size must be in (0, 1], got {filter_size}")
+
+
 def plan_sideband(shape: tuple[int, int], carrier: Carrier, filter_name: str = "smooth_disk",
                   filter_size: float = 0.5, oversample: float = OVERSAMPLE) -> SidebandPlan:
     """Precompute the sideband window, filter and sub-bin ramp for frames of ``shape`` (H, W).
@@ -165,10 +173,7 @@ def plan_sideband(shape: tuple[int, int], carrier: Carrier, filter_name: str = "
     Nyquist rate and bilinear resizing back loses detail (0.049 rad RMS inside the HL60 cell against
     qpretrieve's full-resolution field); 1.5 gives 0.032 rad, 3 gives 0.028 rad.
     """
-    if filter_name not in FILTERS:
-        raise HologramError(f"unknown hologram filter '{filter_name}'; valid: {', '.join(FILTERS)}")
-    if not 0.0 < filter_size <= 1.0:
-        raise HologramError(f"hologram filter_size must be in (0, 1], got {filter_size}")
+    check_filter(filter_name, filter_size)
     height, width = shape
     carrier = carrier.canonical()
     if not 0.0 < carrier.frequency <= math.sqrt(0.5):
@@ -367,7 +372,7 @@ class OffAxisDemodulator:
         self.background = _gray_float(background) if background is not None else None
         self.plan: SidebandPlan | None = None
         self.reference_inverse: np.ndarray | None = None
-        plan_sideband((64, 64), Carrier(0.25, 0.25), filter_name, filter_size)  # settings fail here, not later
+        check_filter(filter_name, filter_size)  # bad settings fail here, before the first frame
 
     @property
     def carrier(self) -> Carrier | None:

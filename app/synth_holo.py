@@ -6,7 +6,8 @@ models the optics of a digital holographic microscope, frame by frame on the who
 1. **Objects** in the focal plane, as a complex transmission ``t = exp(-α + iφ)``: cells (phase domes
    with weak absorption, the classic generator's shapes), beads (uniform spheres whose phase follows
    the chord length, up to several π, so it wraps), absorbing elongated organisms, and touching clusters
-   of cells. Every object is foreground (class 1); the mask is its support in focus.
+   of cells, all foreground (class 1; the mask is their support in focus), and sub-resolution debris
+   specks, which are background.
 2. **Imaging**: the illumination (Gaussian envelope, out-of-focus dust as Fresnel ring systems and a
    static speckle-like random phase screen) times ``t``, low-pass filtered by the objective's pupil
    (bandwidth ``pupil_fraction`` × the carrier frequency, as off-axis set-ups are designed) and
