@@ -19,10 +19,12 @@ from typing import Any
 
 import yaml
 
+from app.errors import AppError
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(AppError, ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, bad syntax)."""
 
 

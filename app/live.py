@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.cli_common import add_common_arguments, config_with_flags, guarded_main, run_app, setup_logging
+from app.cli import add_common_arguments, config_with_flags, run_app, setup_logging
+from app.errors import guarded_main
 
 PROG = "app.live"
 

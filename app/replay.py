@@ -18,14 +18,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.cli_common import (
+from app.cli import (
     add_common_arguments,
     config_with_flags,
-    guarded_main,
     outputs_of,
     run_app,
     setup_logging,
 )
+from app.errors import guarded_main
 
 PROG = "app.replay"
 

@@ -40,11 +40,12 @@ def run_section(ctx: Context) -> dict[str, Any]:
     """Returns ``pipeline_fps``, ``naive_fps``, ``speedup``, ``slowest_stage``, ``slowest_stage_fps``,
     ``efficiency``, the standalone ``stages`` and the pipeline's own per-stage statistics."""
     from app.config import replace
-    from app.inference import InferenceWorker
-    from app.overlay import OverlayRenderer
-    from app.pipeline import Pipeline, place_hologram_stage, run_sequential
-    from app.sinks import open_sinks
-    from app.sources import open_source
+    from app.pipeline.factory import place_hologram_stage
+    from app.pipeline.inference import InferenceWorker
+    from app.pipeline.overlay import OverlayRenderer
+    from app.pipeline.runner import Pipeline, run_sequential
+    from app.pipeline.sinks import open_sinks
+    from app.pipeline.sources import open_source
 
     config, bench, meta = ctx.config, ctx.config.benchmark, ctx.loaded.meta
     size, count = bench.end_to_end_size, bench.frames

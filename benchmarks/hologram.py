@@ -7,7 +7,7 @@ OpenCV and PyTorch at one thread, SciPy's FFT at one worker) and restored afterw
 - ``ours field``: ``OffAxisDemodulator.field`` (the demodulation: rfft2, cropped sideband, ifft2,
   reference division), the issue's ≤ 15 ms at 1024² target;
 - ``ours channels``: the whole hologram stage, field plus the model channels resized to the frame;
-- ``torch channels``: :class:`app.hologram.TorchDemodulator` on the model's device (GPU when present);
+- ``torch channels``: :class:`app.pipeline.hologram.TorchDemodulator` on the model's device (GPU when present);
 - ``qpretrieve``: ``OffAxisHologram(frame).run_pipeline()`` with its defaults (smooth disk filter,
   padding), the field's reference library, when installed; at most ``qpretrieve_frames`` frames.
 """
@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 
 from app.config import SynthConfig
-from app.hologram import OffAxisDemodulator, TorchDemodulator
-from app.synth import make_sequence
+from app.pipeline.hologram import OffAxisDemodulator, TorchDemodulator
+from app.synthesis.generator import make_sequence
 from benchmarks.timing import synchronize
 
 FIELD_MS_TARGET = 15.0

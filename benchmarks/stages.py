@@ -24,8 +24,8 @@ from benchmarks.workload import preprocessor
 
 if TYPE_CHECKING:
     from app.config import Config
-    from app.overlay import OverlayRenderer
-    from app.sinks import Rendered, Sink
+    from app.pipeline.overlay import OverlayRenderer
+    from app.pipeline.sinks import Rendered, Sink
     from benchmarks.workload import Context
 
 
@@ -35,7 +35,7 @@ Runner = Callable[[], list[float]]
 
 def source_runner(folder: Path, config: Config) -> Runner:
     """The app's image-sequence source (prefetching reader threads) over ``folder``, warm page cache."""
-    from app.sources import open_source
+    from app.pipeline.sources import open_source
 
     def run() -> list[float]:
         with open_source(str(folder), config, realtime=False) as source:
@@ -57,7 +57,7 @@ def predict_runner(predict: Callable[..., Any], batches: Sequence[Any], device: 
 
 def overlay_runner(renderer: OverlayRenderer, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> Runner:
     """Overlay drawing (fill, outlines, HUD) of each frame's label map."""
-    from app.overlay import HudInfo
+    from app.pipeline.overlay import HudInfo
 
     hud = HudInfo(25.0, 40.0, 0)
     pairs = list(zip(images, labels, strict=True))
@@ -67,7 +67,7 @@ def overlay_runner(renderer: OverlayRenderer, images: Sequence[np.ndarray], labe
 def sinks_runner(make: Callable[[], Sequence[Sink]], items: Sequence[Rendered], closing_ms: list[float]) -> Runner:
     """Fresh sinks per run, every item written to all of them; each run's ``close()`` time (ms) is
     appended to ``closing_ms`` (not stamped: the pipeline counts a frame as done when written)."""
-    from app.sinks import close_all
+    from app.pipeline.sinks import close_all
 
     def run() -> list[float]:
         sinks = make()
@@ -107,8 +107,8 @@ def measure_sinks(make: Callable[[], Sequence[Sink]], items: Sequence[Rendered],
 def rendered_items(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                    renderer: OverlayRenderer) -> list[Rendered]:
     """Finished frames as the sink stage receives them."""
-    from app.sinks import Rendered
-    from app.sources import Frame, SourceInfo
+    from app.pipeline.sinks import Rendered
+    from app.pipeline.sources import Frame, SourceInfo
 
     info = SourceInfo("benchmark", "images", live=False)
     return [Rendered(Frame(i, time.perf_counter(), image, info), label, renderer.render(image, label), 40.0)
@@ -117,7 +117,7 @@ def rendered_items(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
 
 def writer_factories(config: Config, class_names: Sequence[str], folder: Path) -> dict[str, Callable[[], list]]:
     """One factory per writer kind (mp4, gif, masks, csv), each writing into ``folder``, from the config."""
-    from app.sinks import FrameStatsSink, GifSink, MaskFolderSink, VideoSink
+    from app.pipeline.sinks import FrameStatsSink, GifSink, MaskFolderSink, VideoSink
 
     out = config.output
     return {
@@ -156,7 +156,7 @@ def run_section(ctx: Context) -> dict[str, Any]:
     With ``benchmark.large_input_size`` > 0, frames that large are also read and preprocessed down
     to the largest size (the interferogram seeds' 3072 → 1024).
     """
-    from app.overlay import OverlayRenderer
+    from app.pipeline.overlay import OverlayRenderer
 
     config, bench, meta = ctx.config, ctx.config.benchmark, ctx.loaded.meta
     overlay = config.overlay
@@ -248,7 +248,7 @@ def one_core() -> Iterator[None]:
 def _one_core_rows(ctx: Context, renderer: OverlayRenderer, size: int) -> list[dict[str, Any]]:
     """Overlay drawing and a metrics update (``ConfusionMatrix``, one prediction/target pair) of
     ``size``² frames on one CPU core: the budgets the pipeline and evaluation issues set."""
-    from app.metrics import ConfusionMatrix
+    from app.training.metrics import ConfusionMatrix
 
     bench = ctx.config.benchmark
     count = max(4, min(bench.frames, 16))

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import cv2
 import numpy as np
 
+from app.errors import AppError
 from benchmarks.timing import repeat_rate
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ _EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".tif": "tiff", ".t
 PROFILE_NAMES = ("hdd", "sata_ssd", "nvme")
 
 
-class StorageError(ValueError):
+class StorageError(AppError, ValueError):
     """A directory holds no readable frames, or a profile or format is unknown."""
 
 
@@ -322,7 +323,7 @@ def measure_reader(device: Device, paths: Sequence[Path], fmt: str, threads: int
 def synthetic_frames(size: int, frames: int, seed: int = 0) -> list[np.ndarray]:
     """Interferogram frames (uint8 H×W) from the built-in generator, for the emulated devices."""
     from app.config import SynthConfig
-    from app.synth import InterferogramSequence
+    from app.synthesis.generator import InterferogramSequence
 
     sequence = InterferogramSequence(SynthConfig(size=size, frames=frames, seed=seed))
     return [sequence.frame(i).image for i in range(frames)]

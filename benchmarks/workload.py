@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from app.config import Config
-    from app.preprocess import Preprocessor
+    from app.pipeline.preprocess import Preprocessor
     from models import CheckpointMeta
 
 SHIPPED_ARCH = "icnet"
@@ -62,10 +62,10 @@ def make_backend(name: str, model: nn.Module, in_channels: int, config: Config, 
                  tag: str = "model", concurrent: bool = False) -> Any:
     """A ``torch`` or ``onnx`` backend for ``model``; ONNX graphs are exported into ``workdir``.
 
-    Thread count from ``model.threads`` (see :func:`app.backends.inference_threads`): ``concurrent``
+    Thread count from ``model.threads`` (see :func:`app.pipeline.backends.inference_threads`): ``concurrent``
     picks the pipeline's automatic count, otherwise the count for inference running alone.
     """
-    from app.backends import BackendError, OnnxBackend, TorchBackend, inference_threads
+    from app.pipeline.backends import BackendError, OnnxBackend, TorchBackend, inference_threads
     from models.onnx_export import export_onnx
 
     settings = config.model
@@ -86,7 +86,7 @@ def preprocessor(loaded: LoadedModel, config: Config, **changes: Any) -> Preproc
     """The pipeline's preprocessing for ``loaded`` (as ``build_stages`` makes it), with ``changes``."""
     import dataclasses
 
-    from app.preprocess import Preprocessor, settings_from
+    from app.pipeline.preprocess import Preprocessor, settings_from
 
     recorded = (loaded.meta.train_config or {}).get("preprocess")
     settings = settings_from(config.preprocess, loaded.meta.in_channels, loaded.meta.normalization,
@@ -114,7 +114,7 @@ class FrameCache:
         key = (size, count)
         if key not in self._frames:
             from app.config import SynthConfig
-            from app.synth import InterferogramSequence
+            from app.synthesis.generator import InterferogramSequence
 
             sequence = InterferogramSequence(SynthConfig(size=size, frames=count))
             rendered = [sequence.frame(i) for i in range(count)]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from app.errors import AppError
 
-class ModelError(ValueError):
+
+class ModelError(AppError, ValueError):
     """A model cannot be built as asked: unknown name, unknown option or an invalid option value."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AppError, RuntimeError):
     """A weights file cannot be used: missing, truncated, foreign, or made for another model or class count."""

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 
 from app.config import Config, PipelineConfig, replace
-from app.inference import InferenceWorker
-from app.overlay import OverlayRenderer
-from app.preprocess import Preprocessor, PreprocessSettings
+from app.pipeline.inference import InferenceWorker
+from app.pipeline.overlay import OverlayRenderer
+from app.pipeline.preprocess import Preprocessor, PreprocessSettings
 
 PALETTE = [(0, 0, 0), (0, 255, 0)]
 # The real 1280×720 H.264 sample beside the checkout (../shared/data), or wherever CELLSEG_SAMPLE_VIDEO points.

@@ -17,9 +17,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pipeline_helpers import VTEST, count_video_frames, read_gif, write_indexed_images
 
-from app import cli_common, live, replay
+from app import cli, live, replay
+from tests.pipeline_helpers import VTEST, count_video_frames, read_gif, write_indexed_images
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
@@ -233,11 +233,11 @@ def test_display_is_off_without_a_display_server(monkeypatch):
         pytest.skip("display detection by environment applies to Linux")
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    available, reason = cli_common.display_available()
+    available, reason = cli.display_available()
     assert not available and "DISPLAY" in reason
     monkeypatch.setenv("DISPLAY", ":0")
-    monkeypatch.setattr(cli_common.cv2, "getBuildInformation", lambda: "  GUI:   NONE\n")
-    available, reason = cli_common.display_available()
+    monkeypatch.setattr(cli.cv2, "getBuildInformation", lambda: "  GUI:   NONE\n")
+    available, reason = cli.display_available()
     assert not available and "without a GUI" in reason
 
 
@@ -245,8 +245,8 @@ def test_window_without_highgui_switches_itself_off(monkeypatch, caplog):
     def no_gui(*args):
         raise cv2.error("The function is not implemented. Rebuild the library with GUI support")
 
-    monkeypatch.setattr(cli_common.cv2, "namedWindow", no_gui)
-    window = cli_common.WindowDisplay("test")
+    monkeypatch.setattr(cli.cv2, "namedWindow", no_gui)
+    window = cli.WindowDisplay("test")
     frame = np.zeros((8, 8, 3), np.uint8)
     assert window.show(frame) and window.show(frame)
     assert caplog.text.count("window off") == 1

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from app.config import PreprocessConfig, SynthConfig
-from app.hologram import NUM_CHANNELS
-from app.preprocess import PreprocessError, Preprocessor, PreprocessSettings, recipe, settings_from
+from app.pipeline.hologram import NUM_CHANNELS
+from app.pipeline.preprocess import PreprocessError, Preprocessor, PreprocessSettings, recipe, settings_from
 from app.synth import main as synth_main
-from app.synth import make_sequence
+from app.synthesis.generator import make_sequence
 from tests.conftest import REPO_ROOT
 
 HOLOGRAM_RECIPE = {"clahe": False, "clahe_clip_limit": 2.0, "clahe_tile_grid": 8, "background": "none",
@@ -93,7 +93,7 @@ def test_replay_uses_the_background_and_records_it(hologram_weights, sequence_di
 
 def test_the_background_changes_the_prediction(hologram_weights, sequence_dir, tmp_path) -> None:
     """The file is really used: the same frames with and without it give different model inputs."""
-    from app.hologram import OffAxisDemodulator
+    from app.pipeline.hologram import OffAxisDemodulator
 
     image = cv2.imread(str(sequence_dir / "images" / "000000.png"), cv2.IMREAD_UNCHANGED)
     background = cv2.imread(str(sequence_dir / "background.png"), cv2.IMREAD_UNCHANGED)
@@ -172,7 +172,7 @@ def test_replay_takes_the_folder_app_synth_wrote(hologram_weights, sequence_dir,
 
 
 def test_phase_picture_maps_zero_phase_to_mid_grey() -> None:
-    from app.hologram import phase_picture
+    from app.pipeline.hologram import phase_picture
 
     phase = np.array([[0.0, np.pi / 2, -np.pi / 2, 3.1]], np.float32)
     channels = np.stack([np.sin(phase), 1.0 - np.cos(phase), np.zeros_like(phase)])
@@ -197,10 +197,10 @@ class _Capture:
 def test_overlay_draws_on_the_phase_of_a_hologram(sequence_dir, base) -> None:
     """overlay.base auto: the overlay shows the demodulated phase (mid-grey background), not the fringes."""
     from app.config import Config, replace
-    from app.inference import InferenceWorker
-    from app.overlay import OverlayRenderer
-    from app.pipeline import run_sequential
-    from app.sources import open_source
+    from app.pipeline.inference import InferenceWorker
+    from app.pipeline.overlay import OverlayRenderer
+    from app.pipeline.runner import run_sequential
+    from app.pipeline.sources import open_source
     from tests.pipeline_helpers import FakeBackend
 
     config = replace(Config(), source={"uri": str(sequence_dir / "images")})

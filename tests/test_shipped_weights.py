@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from app.config import Config, replace
-from app.evaluate import Evaluator, synthetic_frames
-from app.preprocess import settings_from
+from app.pipeline.preprocess import settings_from
+from app.training.evaluation import Evaluator, synthetic_frames
 from tests.conftest import REPO_ROOT, SHARED_DATA
 
 WEIGHTS = REPO_ROOT / "weights" / "icnet_interferogram.pt"
@@ -21,7 +21,7 @@ HL60 = SHARED_DATA / "real" / "hl60"
 
 @pytest.fixture(scope="module")
 def shipped():
-    from app.backends import TorchBackend
+    from app.pipeline.backends import TorchBackend
     from models import load_checkpoint
 
     model, meta = load_checkpoint(WEIGHTS)
@@ -57,8 +57,8 @@ def test_held_out_randomised_holograms(shipped) -> None:
 @pytest.mark.parametrize("with_background", [True, False])
 def test_real_hl60_hologram(shipped, with_background) -> None:
     """Validation only (never trained on): cell IoU against the reference mask, 255 ignored."""
-    from app.backends import TorchBackend
-    from app.preprocess import Preprocessor
+    from app.pipeline.backends import TorchBackend
+    from app.pipeline.preprocess import Preprocessor
     from models import load_checkpoint
 
     _, settings = shipped

@@ -1,0 +1,100 @@
+"""Build the pipeline's stages from a Config: the one factory the CLIs, benchmarks and tests use."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.config import PipelineConfig
+from app.pipeline.inference import InferenceWorker
+from app.pipeline.overlay import OverlayRenderer
+from app.pipeline.runner import Display, Pipeline, PipelineResult, Progress, run_sequential
+from app.pipeline.sinks import Sink, close_all, open_sinks
+from app.pipeline.sources import Source, open_source
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from app.config import Config
+
+@dataclass
+class Stages:
+    """Everything a run needs, built from a Config (see :func:`build_stages`)."""
+
+    source: Source
+    preprocessor: Callable[[np.ndarray], np.ndarray]
+    inference: InferenceWorker
+    renderer: OverlayRenderer
+    sinks: list[Sink]
+    meta: Any
+
+    def pipeline(self, settings: PipelineConfig, *, display: Display | None = None,
+                 progress: Progress | None = None) -> Pipeline:
+        return Pipeline(self.source, self.preprocessor, self.inference, self.renderer, self.sinks, settings,
+                        display=display, progress=progress)
+
+    def run_sequential(self, settings: PipelineConfig, *, display: Display | None = None,
+                       progress: Progress | None = None) -> PipelineResult:
+        return run_sequential(self.source, self.preprocessor, self.inference, self.renderer, self.sinks,
+                              settings, display=display, progress=progress)
+
+    def close(self) -> None:
+        """Release the source and finalise the sinks without running (e.g. after a setup error)."""
+        close_all(self.sinks)
+        self.source.close()
+
+
+def place_hologram_stage(preprocessor: Any, backend: Any) -> None:
+    """Run the hologram stage inside a torch backend (``torch.fft`` on its device) when
+    ``preprocess.hologram_backend`` is ``torch``, or ``auto`` and the model runs on CUDA; else it stays in
+    the preprocessing thread (NumPy/SciPy). ONNX and other backends always keep the NumPy path."""
+    demodulator = getattr(preprocessor, "demodulator", None)
+    choice = preprocessor.settings.hologram_backend if demodulator is not None else "numpy"
+    on_torch = hasattr(backend, "set_input_transform")
+    if choice == "torch" and not on_torch:
+        log.warning("preprocess.hologram_backend=torch needs the torch backend; demodulating with NumPy")
+    if on_torch and (choice == "torch" or (choice == "auto" and str(backend.device).startswith("cuda"))):
+        backend.set_input_transform(preprocessor.device_demodulator(str(backend.device)))
+
+
+def build_stages(config: Config, *, realtime: bool = True, num_classes: int | None = None,
+                 backend: Any = None) -> Stages:
+    """Load ``config.model.weights`` and build source, preprocessing, inference, overlay and sinks.
+
+    The checkpoint decides channels, normalisation, class names and palette (and, with
+    ``preprocess.from_checkpoint``, CLAHE/background settings). ``num_classes`` asserts the class count
+    (CheckpointError otherwise). ``backend`` replaces the backend :func:`app.pipeline.backends.create_backend`
+    would make. ``realtime=False`` opens the source for replay (file semantics). The source is opened
+    first, so a bad one fails in well under a second, before PyTorch is imported and the model loaded.
+    Raises the stage's own typed errors (SourceError, CheckpointError, BackendError, SinkError, ConfigError).
+    """
+    source = open_source(config.source.uri, config, realtime=realtime)
+    try:
+        from app.pipeline.backends import create_backend
+        from app.pipeline.preprocess import Preprocessor, settings_from
+        from models import load_checkpoint
+
+        weights = Path(config.model.weights)
+        model, meta = load_checkpoint(weights, num_classes=num_classes)
+        if backend is None:
+            backend = create_backend(config.model, model, meta, weights)
+        recorded = (meta.train_config or {}).get("preprocess")
+        preprocessor = Preprocessor(settings_from(config.preprocess, meta.in_channels, meta.normalization,
+                                                  recorded if isinstance(recorded, dict) else None))
+        place_hologram_stage(preprocessor, backend)
+        inference = InferenceWorker(backend, batch_size=config.pipeline.batch_size,
+                                    batch_timeout_ms=config.pipeline.batch_timeout_ms,
+                                    warmup_iters=config.model.warmup_iters)
+        overlay = config.overlay
+        renderer = OverlayRenderer(meta.palette, alpha=overlay.alpha, contours=overlay.contours,
+                                   contour_thickness=overlay.contour_thickness, hud=overlay.hud, base=overlay.base)
+        sinks = open_sinks(config.output, meta.class_names)
+    except BaseException:
+        source.close()
+        raise
+    return Stages(source, preprocessor, inference, renderer, sinks, meta)

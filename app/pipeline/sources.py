@@ -1,0 +1,576 @@
+"""Frame sources: cameras, video files, network streams, image sequences and the synthetic generator.
+
+Every source yields :class:`Frame` objects (``index``, ``timestamp`` = capture time in
+``time.perf_counter`` seconds, ``image`` = H×W gray or H×W×3 BGR, uint8 or uint16, and ``info``) from
+``read(stop)``, which blocks until a frame is ready and returns the :data:`END_OF_STREAM` marker at the
+end (and once ``stop`` is set). End of stream is decided by a failed read, never by a container's frame
+count. ``open_source(uri, config)`` picks the class from the URI:
+
+=====================================  =========================  ==================================
+URI                                    class                      policy
+=====================================  =========================  ==================================
+``synthetic``                          :class:`SyntheticSource`   live: paced at ``source.fps``
+``0``, ``camera0``, ``/dev/video0``    :class:`CameraSource`      live
+``rtsp://…``, ``http(s)://…``, …       :class:`StreamSource`      live, reconnects with backoff
+folder, glob (``dir/*.png``), image    :class:`ImageSequenceSource`  file: prefetched, in order
+any other file                         :class:`VideoFileSource`   file
+=====================================  =========================  ==================================
+
+``info.live`` tells the pipeline which policy applies: a live source keeps only the newest frames when
+downstream is slower (drops are counted), a file source is read only as fast as it is consumed, so no
+frame is ever lost. A bare digit string is always a camera index, never a file name. Errors (missing
+file, unknown scheme, camera that does not open within ``source.open_timeout_s``) raise
+:class:`SourceError` with a one-line message. Sources are used from one thread at a time; ``close()``
+is idempotent and sources are context managers.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import queue
+import re
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+from app.errors import AppError
+
+if TYPE_CHECKING:
+    from app.config import Config, SourceConfig, SynthConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
+_POLL_S = 0.05
+
+
+class SourceError(AppError, RuntimeError):
+    """A source cannot be opened or stopped delivering frames (message is one line for the user)."""
+
+
+class EndOfStream:
+    """Type of the end-of-stream marker; use the singleton :data:`END_OF_STREAM`."""
+
+    _instance: EndOfStream | None = None
+
+    def __new__(cls) -> EndOfStream:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "END_OF_STREAM"
+
+
+END_OF_STREAM = EndOfStream()
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a source is: ``kind`` (camera/video/stream/images/synthetic), policy and size hints.
+
+    ``frame_count`` is an estimate for progress display only (``None`` when unknown or endless).
+    """
+
+    uri: str
+    kind: str
+    live: bool
+    fps: float | None = None
+    frame_count: int | None = None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One captured frame. ``image`` is H×W (gray) or H×W×3 (BGR), uint8 or uint16; never modified.
+
+    ``display``: what the overlay draws on instead of ``image`` when set (H×W uint8, the same size),
+    e.g. the quantitative phase of a hologram, attached by the preprocessing stage."""
+
+    index: int
+    timestamp: float
+    image: np.ndarray
+    info: SourceInfo
+    display: np.ndarray | None = None
+
+
+class Source:
+    """Base class: ``read(stop) -> Frame | END_OF_STREAM``, ``close()``, iteration, counters.
+
+    Counters: ``frames_read`` (delivered), ``frames_skipped`` (unreadable files), ``frames_dropped``
+    (frames a live source discarded itself because nobody read them in time), ``reconnects``.
+    """
+
+    info: SourceInfo
+
+    def __init__(self) -> None:
+        self.frames_read = 0
+        self.frames_skipped = 0
+        self.frames_dropped = 0
+        self.reconnects = 0
+        self._closed = False
+
+    @property
+    def live(self) -> bool:
+        return self.info.live
+
+    def read(self, stop: threading.Event | None = None) -> Frame | EndOfStream:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._closed = True
+
+    def counters(self) -> dict[str, int]:
+        return {"frames_read": self.frames_read, "frames_skipped": self.frames_skipped,
+                "frames_dropped": self.frames_dropped, "reconnects": self.reconnects}
+
+    def _frame(self, index: int, image: np.ndarray, timestamp: float | None = None) -> Frame:
+        self.frames_read += 1
+        return Frame(index, time.perf_counter() if timestamp is None else timestamp, image, self.info)
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            item = self.read()
+            if isinstance(item, EndOfStream):
+                return
+            yield item
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def natural_key(path: str | Path) -> list[Any]:
+    """Sort key that orders embedded numbers by value: frame2 before frame10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]
+
+
+def _call_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Run a possibly hanging call (opening a device or URL) in a daemon thread; give up after timeout.
+
+    A call that never returns is abandoned (its daemon thread cannot block interpreter exit).
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"open {what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise SourceError(f"{what} did not open within {timeout_s:g} s")
+    if "error" in box:
+        raise SourceError(f"{what} could not be opened: {box['error']}") from box["error"]
+    return box["value"]
+
+
+class _CaptureSource(Source):
+    """A live cv2.VideoCapture read by a daemon thread into a 2-slot newest-frame buffer.
+
+    The device is opened by the constructor (so a bad one fails at once); the reader thread starts at
+    the first ``read``, so no frame is captured and dropped while the rest of the pipeline is set up.
+    Reading in a thread means a stalled device or network never blocks ``read(stop)``, which polls the
+    buffer and checks ``stop``. A failed read triggers up to ``reconnect_attempts`` reconnects with
+    exponential backoff (``reconnect_backoff_s`` doubling); a success resets the attempt count. When
+    the attempts are spent, or nothing at all happens for longer than the open plus read timeouts,
+    ``read`` raises :class:`SourceError`.
+    """
+
+    def __init__(self, info: SourceInfo, what: str, open_capture: Callable[[], cv2.VideoCapture],
+                 settings: SourceConfig, reconnect_attempts: int) -> None:
+        super().__init__()
+        self.info = info
+        self._what = what
+        self._open_capture = open_capture
+        self._settings = settings
+        self._reconnect_attempts = reconnect_attempts
+        self._buffer: queue.Queue[Frame] = queue.Queue(maxsize=2)
+        self._halt = threading.Event()
+        self._error: SourceError | None = None
+        self._index = 0
+        self._capture: cv2.VideoCapture | None = self._open()
+        self._ends_at_read_failure = False  # True for a finite recording: a failed read is its end
+        self._last_activity = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, args=(self._capture,), name=f"read {what}",
+                                        daemon=True)
+
+    #: Extra wait beyond ``open_timeout_s`` before an open call is abandoned, for backends that enforce
+    #: the timeout themselves: they return cleanly first. An abandoned call that returns while the
+    #: interpreter exits aborts the process ("terminate called without an active exception").
+    open_grace_s = 0.0
+    open_failure_hint = "does it exist?"
+
+    def _open(self) -> cv2.VideoCapture:
+        capture = _call_with_timeout(self._open_capture, self._settings.open_timeout_s + self.open_grace_s,
+                                     self._what)
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"{self._what} could not be opened ({self.open_failure_hint})")
+        return capture
+
+    def _run(self, capture: cv2.VideoCapture | None) -> None:
+        attempts = 0
+        try:
+            while not self._halt.is_set():
+                if capture is None:
+                    if attempts >= self._reconnect_attempts:
+                        self._error = SourceError(
+                            f"{self._what} stopped delivering frames"
+                            + (f" (gave up after {attempts} reconnect attempts)" if attempts else ""))
+                        return
+                    attempts += 1
+                    delay = self._settings.reconnect_backoff_s * 2 ** (attempts - 1)
+                    # A deliberate backoff is activity, not a stall.
+                    self._last_activity = time.perf_counter() + delay
+                    if self._halt.wait(delay):
+                        return
+                    self.reconnects += 1
+                    try:
+                        capture = self._open()
+                    except SourceError as exc:
+                        log.warning("%s: reconnect %d/%d failed: %s", self._what, attempts,
+                                    self._reconnect_attempts, exc)
+                        capture = None
+                        continue
+                    log.info("%s: reconnected", self._what)
+                ok, image = capture.read()
+                self._last_activity = time.perf_counter()
+                if not ok or image is None:
+                    capture.release()
+                    capture = None
+                    if self._ends_at_read_failure and self._index > 0:
+                        return  # end of the recording: read() reports END_OF_STREAM once drained
+                    continue
+                attempts = 0
+                self._push(self._frame(self._index, image, self._last_activity))
+                self._index += 1
+        finally:
+            if capture is not None:
+                capture.release()
+
+    def _push(self, frame: Frame) -> None:
+        while True:
+            try:
+                self._buffer.put_nowait(frame)
+                return
+            except queue.Full:
+                try:
+                    self._buffer.get_nowait()
+                    self.frames_dropped += 1
+                except queue.Empty:
+                    pass
+
+    def read(self, stop: threading.Event | None = None) -> Frame | EndOfStream:
+        stall_limit = self._settings.open_timeout_s + self._settings.read_timeout_s + 1.0
+        if self._capture is not None and not self._closed:
+            self._capture = None  # the reader thread owns it from now on
+            self._last_activity = time.perf_counter()
+            self._thread.start()
+        while True:
+            if (stop is not None and stop.is_set()) or self._closed:
+                return END_OF_STREAM
+            try:
+                return self._buffer.get(timeout=_POLL_S)
+            except queue.Empty:
+                pass
+            if self._error is not None:
+                raise self._error
+            if not self._thread.is_alive():
+                try:  # a last frame pushed just before the reader ended
+                    return self._buffer.get_nowait()
+                except queue.Empty:
+                    return END_OF_STREAM
+            if time.perf_counter() - self._last_activity > stall_limit:
+                raise SourceError(f"{self._what}: no response for {stall_limit:g} s")
+
+    def close(self) -> None:
+        super().close()
+        self._halt.set()
+        if self._capture is not None:  # never read: the reader thread was not started
+            self._capture.release()
+            self._capture = None
+        elif self._thread.ident is not None:
+            self._thread.join(timeout=0.5)
+
+
+class CameraSource(_CaptureSource):
+    """A local camera by index (V4L2 on Linux). Live; a read failure is an error (no reconnects)."""
+
+    def __init__(self, index: int, settings: SourceConfig, uri: str | None = None) -> None:
+        api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
+        info = SourceInfo(uri or f"camera{index}", "camera", live=True)
+        super().__init__(info, f"camera {index}", lambda: cv2.VideoCapture(index, api), settings,
+                         reconnect_attempts=0)
+
+
+class StreamSource(_CaptureSource):
+    """A network stream (rtsp://, http://, …) through FFmpeg with open/read timeouts. Live.
+
+    A lost connection is retried ``source.reconnect_attempts`` times with exponential backoff;
+    ``reconnects`` counts the attempts. A recording served over the network (a container that
+    declares its frame count, e.g. ``http://host/run.mp4``) instead ends at its first failed read, as a
+    video file does; live streams (RTSP, MJPEG, HLS) declare none.
+    """
+
+    open_grace_s = 1.0
+    open_failure_hint = "unreachable, refused, or no answer within source.open_timeout_s"
+
+    def __init__(self, url: str, settings: SourceConfig) -> None:
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(settings.open_timeout_s * 1000),
+                  cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(settings.read_timeout_s * 1000)]
+        info = SourceInfo(url, "stream", live=True)
+        super().__init__(info, f"stream {url}", lambda: cv2.VideoCapture(url, cv2.CAP_FFMPEG, params),
+                         settings, reconnect_attempts=settings.reconnect_attempts)
+        declared = self._capture.get(cv2.CAP_PROP_FRAME_COUNT)  # live streams: 0 or a negative sentinel
+        self._ends_at_read_failure = 0 < declared < 2**31
+
+
+class VideoFileSource(Source):
+    """Any container OpenCV/FFmpeg can decode. File policy; ends at the first failed read.
+
+    With ``loop`` the file is reopened at its end. The container's frame count is only a progress hint.
+    """
+
+    def __init__(self, path: str | Path, loop: bool = False) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.loop = loop
+        self._capture = self._open()
+        count = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        fps = float(self._capture.get(cv2.CAP_PROP_FPS))
+        self.info = SourceInfo(str(self.path), "video", live=False, fps=fps if fps > 0 else None,
+                               frame_count=count if count > 0 and not loop else None)
+        self._index = 0
+        self._read_this_pass = 0
+
+    def _open(self) -> cv2.VideoCapture:
+        capture = cv2.VideoCapture(str(self.path))
+        if not capture.isOpened():
+            raise SourceError(f"cannot open video file {self.path} (not a video OpenCV can decode?)")
+        return capture
+
+    def read(self, stop: threading.Event | None = None) -> Frame | EndOfStream:
+        if self._closed or (stop is not None and stop.is_set()):
+            return END_OF_STREAM
+        ok, image = self._capture.read()
+        if not ok or image is None:
+            if self._index == 0:
+                raise SourceError(f"cannot decode any frame from {self.path}")
+            if not (self.loop and self._read_this_pass):
+                return END_OF_STREAM
+            self._capture.release()
+            self._capture = self._open()
+            self._read_this_pass = 0
+            return self.read(stop)
+        self._read_this_pass += 1
+        frame = self._frame(self._index, image)
+        self._index += 1
+        return frame
+
+    def close(self) -> None:
+        super().close()
+        self._capture.release()
+
+
+def _read_image(path: Path) -> np.ndarray | None:
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+class ImageSequenceSource(Source):
+    """Numbered images (PNG/JPEG/TIFF/BMP, 8- or 16-bit, read unchanged) in natural order. File policy.
+
+    ``prefetch_threads`` reader threads keep up to ``prefetch_depth`` images decoded ahead; frames are
+    still delivered in order. An unreadable file is skipped with a warning and counted in
+    ``frames_skipped``; with ``strict`` it raises :class:`SourceError`.
+    """
+
+    def __init__(self, paths: list[Path], uri: str, prefetch_threads: int = 4, prefetch_depth: int = 16,
+                 strict: bool = False, loop: bool = False) -> None:
+        super().__init__()
+        if not paths:
+            raise SourceError(f"no images (png/jpg/tif/bmp) found in {uri}")
+        self.paths = paths
+        self.strict = strict
+        self.loop = loop
+        self.info = SourceInfo(uri, "images", live=False, frame_count=None if loop else len(paths))
+        self._executor = ThreadPoolExecutor(max_workers=max(1, prefetch_threads),
+                                            thread_name_prefix="prefetch")
+        self._depth = max(1, prefetch_depth)
+        self._pending: deque[tuple[Path, Future[np.ndarray | None]]] = deque()
+        self._next_path = 0
+        self._index = 0
+        self._delivered_this_pass = 0
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._depth:
+            if self._next_path >= len(self.paths):
+                if not (self.loop and self._delivered_this_pass):
+                    return
+                self._next_path = 0
+                self._delivered_this_pass = 0
+            path = self.paths[self._next_path]
+            self._next_path += 1
+            self._pending.append((path, self._executor.submit(_read_image, path)))
+
+    def read(self, stop: threading.Event | None = None) -> Frame | EndOfStream:
+        while True:
+            if self._closed or (stop is not None and stop.is_set()):
+                return END_OF_STREAM
+            self._fill()
+            if not self._pending:
+                return END_OF_STREAM
+            path, future = self._pending[0]
+            while True:
+                if stop is not None and stop.is_set():
+                    return END_OF_STREAM
+                try:
+                    image = future.result(timeout=_POLL_S)
+                    break
+                except FutureTimeout:
+                    continue
+                except Exception as exc:  # an OS error reading the file counts as unreadable
+                    log.debug("reading %s failed: %s", path, exc)
+                    image = None
+                    break
+            self._pending.popleft()
+            if image is None:
+                if self.strict:
+                    raise SourceError(f"cannot read image {path} (corrupt or not an image)")
+                self.frames_skipped += 1
+                log.warning("skipping unreadable image %s", path)
+                continue
+            self._delivered_this_pass += 1
+            frame = self._frame(self._index, image)
+            self._index += 1
+            return frame
+
+    def close(self) -> None:
+        super().close()
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class SyntheticSource(Source):
+    """The interferogram generator of :mod:`app.synth`, behaving like a camera running at ``fps``.
+
+    Frame ``k`` of the sequence is due at ``t0 + k / fps``. ``read`` waits for the next due frame;
+    when called late it jumps to the newest due frame and counts the missed ones in ``frames_dropped``,
+    as a camera would. ``fps <= 0`` (``paced=False``) delivers frames as fast as they are read with
+    file semantics (used by replay). Ends after ``synth.frames`` frames unless ``loop``.
+    """
+
+    def __init__(self, synth: SynthConfig, fps: float, loop: bool = False, paced: bool = True) -> None:
+        from app.synthesis.generator import make_sequence
+
+        super().__init__()
+        try:
+            self.sequence = make_sequence(synth)
+        except ValueError as exc:
+            raise SourceError(f"synthetic source: {exc}") from exc
+        self.fps = fps if paced else 0.0
+        self.loop = loop
+        live = self.fps > 0
+        self.info = SourceInfo("synthetic", "synthetic", live=live, fps=self.fps or None,
+                               frame_count=None if loop else len(self.sequence))
+        self._t0: float | None = None
+        self._next = 0
+
+    def read(self, stop: threading.Event | None = None) -> Frame | EndOfStream:
+        if self._closed or (stop is not None and stop.is_set()):
+            return END_OF_STREAM
+        length = len(self.sequence)
+        if self.fps > 0:
+            now = time.perf_counter()
+            if self._t0 is None:
+                self._t0 = now
+            due = int((now - self._t0) * self.fps)
+            if due > self._next:
+                missed = due - self._next if self.loop else min(due, length) - self._next
+                self.frames_dropped += max(0, missed)
+                self._next = due
+            else:
+                wait = self._t0 + self._next / self.fps - now
+                if wait > 0:
+                    waiter = stop if stop is not None else threading.Event()
+                    if waiter.wait(wait):
+                        return END_OF_STREAM
+        if self._next >= length and not self.loop:
+            return END_OF_STREAM
+        index = self._next
+        self._next += 1
+        timestamp = time.perf_counter()
+        synth_frame = self.sequence.frame(index % length)
+        return self._frame(index, synth_frame.image, timestamp)
+
+
+_CAMERA = re.compile(r"^(?:camera|/dev/video)?(\d+)$")
+
+
+def _image_paths(pattern: str) -> list[Path]:
+    return sorted((Path(p) for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_SUFFIXES
+                   and Path(p).is_file()), key=natural_key)
+
+
+def open_source(uri: str, config: Config, *, realtime: bool = True) -> Source:
+    """Open the source named by ``uri`` with ``config.source`` (and ``config.synth``) settings.
+
+    ``realtime=False`` (replay) runs the synthetic source unpaced with file semantics and refuses
+    cameras and streams. Raises :class:`SourceError` for an unknown scheme, a missing path, a folder or
+    glob without images, or a device that does not open.
+    """
+    settings = config.source
+    text = uri.strip()
+    if text == "synthetic":
+        return SyntheticSource(config.synth, settings.fps, loop=settings.loop, paced=realtime)
+    camera = _CAMERA.match(text)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if camera or scheme in STREAM_SCHEMES:
+        if not realtime:
+            raise SourceError(f"'{uri}' is a live source; replay needs a recorded video, image folder or glob")
+        if camera:
+            return CameraSource(int(camera.group(1)), settings, uri=text)
+        return StreamSource(text, settings)
+    if scheme == "file":
+        text = text[len("file://"):]
+    elif scheme:
+        raise SourceError(f"unknown source scheme '{scheme}://' in '{uri}'; use a camera (0, camera0, "
+                          f"/dev/video0), a file, a folder, a glob, synthetic or one of "
+                          f"{', '.join(s + '://' for s in STREAM_SCHEMES)}")
+    path = Path(text).expanduser()
+    loader: dict[str, Any] = {"prefetch_threads": settings.prefetch_threads,
+                              "prefetch_depth": settings.prefetch_depth, "strict": settings.strict,
+                              "loop": settings.loop}
+    if path.is_dir():
+        # A dataset or app.synth folder (images/, masks/, background.png): its frames are in images/.
+        frames_dir = path / "images" if (path / "images").is_dir() else path
+        paths = _image_paths(glob.escape(str(frames_dir)) + "/*")
+        return ImageSequenceSource(paths, text, **loader)
+    if path.is_file():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return ImageSequenceSource([path], text, **loader)
+        return VideoFileSource(path, loop=settings.loop)
+    if any(ch in text for ch in "*?["):
+        paths = _image_paths(str(path))
+        if not paths:
+            raise SourceError(f"no images match '{uri}'")
+        return ImageSequenceSource(paths, text, **loader)
+    raise SourceError(f"no such file or folder: {uri}")
