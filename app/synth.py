@@ -10,7 +10,8 @@ from pathlib import Path
 
 from app.config import ConfigError, add_config_arguments, config_from_args, replace
 from app.pipeline.hologram import HologramError
-from app.synthesis.generator import MIN_SIZE, SynthError, make_sequence
+from app.synthesis import make_sequence
+from app.synthesis.generator import MIN_SIZE, SynthError
 from app.synthesis.writer import write_sequence
 
 
@@ -24,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: python -m app.synth --out data/seq0 --frames 100 --size 512 --seed 7 --video seq0.mp4. "
                "Fringe period and angle, cell count, noise, blur and the other physical settings are "
                "synth.* keys in config.yaml (change them with --set, e.g. --set synth.fringe_period_px=5). "
-               "The same frames in memory: app.synth.make_sequence(load_config().synth).frame(i).",
+               "The same frames in memory: app.synthesis.make_sequence(load_config().synth).frame(i).",
     )
     parser.add_argument("--out", metavar="DIR", required=True, type=Path, help="output folder (created if missing)")
     parser.add_argument("--frames", metavar="N", type=int, help="number of frames (default: synth.frames)")

@@ -26,7 +26,7 @@ import numpy as np
 
 from app.config import SynthConfig
 from app.pipeline.hologram import OffAxisDemodulator, TorchDemodulator
-from app.synthesis.generator import make_sequence
+from app.synthesis import make_sequence
 from benchmarks.timing import synchronize
 
 FIELD_MS_TARGET = 15.0

@@ -107,8 +107,8 @@ def measure_sinks(make: Callable[[], Sequence[Sink]], items: Sequence[Rendered],
 def rendered_items(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                    renderer: OverlayRenderer) -> list[Rendered]:
     """Finished frames as the sink stage receives them."""
+    from app.pipeline.frames import Frame, SourceInfo
     from app.pipeline.sinks import Rendered
-    from app.pipeline.sources import Frame, SourceInfo
 
     info = SourceInfo("benchmark", "images", live=False)
     return [Rendered(Frame(i, time.perf_counter(), image, info), label, renderer.render(image, label), 40.0)

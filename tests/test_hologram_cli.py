@@ -16,7 +16,7 @@ from app.config import PreprocessConfig, SynthConfig
 from app.pipeline.hologram import NUM_CHANNELS
 from app.pipeline.preprocess import PreprocessError, Preprocessor, PreprocessSettings, recipe, settings_from
 from app.synth import main as synth_main
-from app.synthesis.generator import make_sequence
+from app.synthesis import make_sequence
 from tests.conftest import REPO_ROOT
 
 HOLOGRAM_RECIPE = {"clahe": False, "clahe_clip_limit": 2.0, "clahe_tile_grid": 8, "background": "none",

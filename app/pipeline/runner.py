@@ -57,11 +57,12 @@ import numpy as np
 from app.config import PipelineConfig
 from app.errors import EXIT_FAILURE, EXIT_USAGE, AppError, first_line
 from app.pipeline.cpu import affinity_plan
+from app.pipeline.frames import END_OF_STREAM, EndOfStream, Frame
 from app.pipeline.hologram import HologramError
 from app.pipeline.inference import InferenceWorker, Stopped, collect_batch, queue_get
 from app.pipeline.overlay import HudInfo, OverlayRenderer, picture_of
 from app.pipeline.sinks import Rendered, Sink, close_all
-from app.pipeline.sources import END_OF_STREAM, EndOfStream, Frame, Source
+from app.pipeline.sources import Source
 from app.pipeline.stats import StageStats, fps_over, latency_summary
 
 log = logging.getLogger(__name__)

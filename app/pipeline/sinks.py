@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from app.errors import AppError
-from app.pipeline.sources import Frame
+from app.pipeline.frames import Frame
 
 if TYPE_CHECKING:
     from app.config import OutputConfig

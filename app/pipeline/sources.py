@@ -37,7 +37,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +44,7 @@ import cv2
 import numpy as np
 
 from app.errors import AppError
+from app.pipeline.frames import END_OF_STREAM, EndOfStream, Frame, SourceInfo
 
 if TYPE_CHECKING:
     from app.config import Config, SourceConfig, SynthConfig
@@ -58,51 +58,6 @@ _POLL_S = 0.05
 
 class SourceError(AppError, RuntimeError):
     """A source cannot be opened or stopped delivering frames (message is one line for the user)."""
-
-
-class EndOfStream:
-    """Type of the end-of-stream marker; use the singleton :data:`END_OF_STREAM`."""
-
-    _instance: EndOfStream | None = None
-
-    def __new__(cls) -> EndOfStream:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "END_OF_STREAM"
-
-
-END_OF_STREAM = EndOfStream()
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    """What a source is: ``kind`` (camera/video/stream/images/synthetic), policy and size hints.
-
-    ``frame_count`` is an estimate for progress display only (``None`` when unknown or endless).
-    """
-
-    uri: str
-    kind: str
-    live: bool
-    fps: float | None = None
-    frame_count: int | None = None
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One captured frame. ``image`` is H×W (gray) or H×W×3 (BGR), uint8 or uint16; never modified.
-
-    ``display``: what the overlay draws on instead of ``image`` when set (H×W uint8, the same size),
-    e.g. the quantitative phase of a hologram, attached by the preprocessing stage."""
-
-    index: int
-    timestamp: float
-    image: np.ndarray
-    info: SourceInfo
-    display: np.ndarray | None = None
 
 
 class Source:
@@ -479,7 +434,7 @@ class SyntheticSource(Source):
     """
 
     def __init__(self, synth: SynthConfig, fps: float, loop: bool = False, paced: bool = True) -> None:
-        from app.synthesis.generator import make_sequence
+        from app.synthesis import make_sequence
 
         super().__init__()
         try:

@@ -504,13 +504,3 @@ class InterferogramSequence:
             "cells_in_sequence": len(self._cells.bodies),
             "particles_in_sequence": len(self._particles.bodies),
         }
-
-
-def make_sequence(cfg: SynthConfig) -> InterferogramSequence:
-    """The generator ``cfg`` asks for: the classic one, or the propagated-hologram one
-    (:class:`app.synthesis.propagated.HologramSequence`) for ``generator: propagated`` or ``randomize: true``."""
-    if cfg.generator == "propagated" or cfg.randomize:
-        from app.synthesis.propagated import HologramSequence
-
-        return HologramSequence(cfg)
-    return InterferogramSequence(cfg)

@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from app.config import SynthConfig
 from app.errors import AppError
 from app.pipeline.preprocess import Preprocessor, PreprocessSettings
-from app.synthesis.generator import InterferogramSequence, make_sequence
+from app.synthesis import make_sequence
+from app.synthesis.generator import InterferogramSequence
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 BOX_FILES = ("boxes.csv", "boxes.json")

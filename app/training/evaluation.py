@@ -74,7 +74,7 @@ def folder_frames(root: Path) -> Iterator[EvalFrame]:
 def synthetic_frames(cfg: Config, sequences: int = 1, with_background: bool = False) -> Iterator[EvalFrame]:
     """The sequences ``cfg.synth`` describes (seeds seed … seed+sequences-1, frames, size) with their exact
     ground truth; ``with_background`` hands each sequence's background hologram to the hologram stage."""
-    from app.synthesis.generator import make_sequence
+    from app.synthesis import make_sequence
 
     for seed in range(cfg.synth.seed, cfg.synth.seed + sequences):
         seq = make_sequence(dataclasses.replace(cfg.synth, seed=seed))

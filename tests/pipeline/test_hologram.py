@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from app.pipeline import hologram as H
 from app.config import SynthConfig
-from app.synthesis.generator import make_sequence
+from app.pipeline import hologram as H
+from app.synthesis import make_sequence
 from tests.conftest import SHARED_DATA
 
 HL60 = SHARED_DATA / "real" / "hl60"

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from app.config import replace
+from app.pipeline.frames import END_OF_STREAM
 from app.pipeline.inference import InferenceWorker, Stopped, collect_batch
 from app.pipeline.preprocess import Preprocessor, PreprocessSettings
 from app.pipeline.runner import STAGES, Pipeline, PipelineError, run_sequential
 from app.pipeline.sinks import GifSink, MaskFolderSink, VideoSink
-from app.pipeline.sources import END_OF_STREAM, open_source
+from app.pipeline.sources import open_source
 from tests.pipeline_helpers import (
     FakeBackend,
     count_video_frames,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from app.config import OutputConfig
+from app.pipeline.frames import Frame, SourceInfo
 from app.pipeline.sinks import (
     FrameStatsSink,
     GifSink,
@@ -22,7 +23,6 @@ from app.pipeline.sinks import (
     open_sinks,
     partial_path,
 )
-from app.pipeline.sources import Frame, SourceInfo
 from tests.pipeline_helpers import count_video_frames, read_gif
 
 pytestmark = pytest.mark.timeout(30)

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from app.pipeline import sources
 from app.config import Config, SourceConfig, replace
+from app.pipeline import sources
 from app.pipeline.sources import (
     END_OF_STREAM,
     CameraSource,

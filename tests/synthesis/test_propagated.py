@@ -11,10 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
-from app.pipeline import hologram as H
 from app.config import SynthConfig
+from app.pipeline import hologram as H
 from app.synth import main
-from app.synthesis.generator import IGNORE, SynthError, make_sequence
+from app.synthesis import make_sequence
+from app.synthesis.generator import IGNORE, SynthError
 from app.synthesis.like import measure
 from app.synthesis.propagated import RANDOM_RANGES, HologramSequence, randomized
 from tests.conftest import REPO_ROOT

@@ -1,0 +1,53 @@
+"""What flows between the pipeline's stages: :class:`Frame`, :class:`SourceInfo` and the end-of-stream
+marker :data:`END_OF_STREAM` (a typed singleton, never ``None``). Imports nothing from the project."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class EndOfStream:
+    """Type of the end-of-stream marker; use the singleton :data:`END_OF_STREAM`."""
+
+    _instance: EndOfStream | None = None
+
+    def __new__(cls) -> EndOfStream:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "END_OF_STREAM"
+
+
+END_OF_STREAM = EndOfStream()
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a source is: ``kind`` (camera/video/stream/images/synthetic), policy and size hints.
+
+    ``frame_count`` is an estimate for progress display only (``None`` when unknown or endless).
+    """
+
+    uri: str
+    kind: str
+    live: bool
+    fps: float | None = None
+    frame_count: int | None = None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One captured frame. ``image`` is H×W (gray) or H×W×3 (BGR), uint8 or uint16; never modified.
+
+    ``display``: what the overlay draws on instead of ``image`` when set (H×W uint8, the same size),
+    e.g. the quantitative phase of a hologram, attached by the preprocessing stage."""
+
+    index: int
+    timestamp: float
+    image: np.ndarray
+    info: SourceInfo
+    display: np.ndarray | None = None
