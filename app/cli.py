@@ -1,10 +1,8 @@
-"""What the live and replay CLIs share: flags, display detection, the window, progress, errors -> exit codes.
+"""What every command line shares: the parser, ``--config``/``--set``, ``-v``/``-q`` logging, and the one
+guarded main (:func:`app.errors.guarded_main`) that turns failures into one line and an exit code.
 
-This is the only layer of the pipeline that touches the outside world: it parses arguments, sets up
-logging and OpenCV's log level, opens the window (``cv2.imshow``/``waitKey``, main thread only), writes
-the progress line and the summary table on stderr, and turns typed errors into one line plus an exit
-code (:data:`EXIT_OK` 0, :data:`EXIT_FAILURE` 1 = a stage failed, :data:`EXIT_USAGE` 2 = bad input,
-:data:`EXIT_INTERRUPTED` 130 = Ctrl-C, outputs finalised).
+Each CLI module (live, replay, export, train, evaluate, synth, benchmarks.fps) is thin: it builds a
+:class:`Parser`, calls the library, and runs its body through :func:`main_of`.
 """
 
 from __future__ import annotations
@@ -13,226 +11,72 @@ import argparse
 import logging
 import os
 import sys
-import time
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import NoReturn
 
-import cv2
-import numpy as np
+from app.config import Config, load_config
+from app.errors import EXIT_USAGE, guarded_main
 
-from app.config import Config, add_config_arguments, config_from_args, replace
-from app.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
-from app.pipeline.factory import build_stages
-from app.pipeline.runner import PipelineResult
-from app.pipeline.stats import format_table, write_json
-
-log = logging.getLogger("app")
+__all__ = ["Parser", "add_config_arguments", "add_verbosity_arguments", "config_from_args", "guarded_main",
+           "setup_logging"]
 
 
-def setup_logging(verbose: bool = False) -> None:
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with the project's error path: a bad argument is one line on stderr,
+    ``PROG: error: MESSAGE (see --help)``, and exit code 2 (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def doc_parser(prog: str, doc: str) -> Parser:
+    """A :class:`Parser` whose description is the first paragraph of a CLI module's docstring and whose
+    epilog is the rest (examples, policies)."""
+    paragraphs = doc.split("\n\n")
+    return Parser(prog=f"python -m {prog}", description=paragraphs[0].replace("``", ""),
+                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(paragraphs[1:]))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config PATH`` and repeatable ``--set section.key=value`` to a CLI parser."""
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="configuration file (default: config.yaml in the repository)")
+    parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides",
+                        help="override one config value, e.g. --set preprocess.clahe=false (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the Config from the ``--config``/``--set`` arguments added by :func:`add_config_arguments`."""
+    return load_config(args.config, args.overrides)
+
+
+def add_verbosity_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-v`` (debug logging and tracebacks) and ``-q`` (warnings and errors only)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Plain ``level: message`` lines on stderr. OpenCV's and FFmpeg's own log lines are silenced unless
     ``verbose``: every failure they report also reaches us as a return value or exception and is
     reported once, in our words ("skipping unreadable image ...", "stream ... could not be opened")."""
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(levelname)s: %(message)s")
+    import cv2
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(levelname)s: %(message)s")
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_INFO if verbose
                                   else cv2.utils.logging.LOG_LEVEL_SILENT)
-    if not verbose:  # read by OpenCV when it first opens a video through FFmpeg; -8 = AV_LOG_QUIET
+    if not verbose:
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 
-def display_available() -> tuple[bool, str]:
-    """Whether a window can be opened: on Linux an X11/Wayland display must be set (OpenCV's Qt
-    backend aborts the process otherwise), and OpenCV must have been built with a GUI backend."""
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        return False, "no display (DISPLAY and WAYLAND_DISPLAY are unset)"
-    gui = [line for line in cv2.getBuildInformation().splitlines() if line.strip().startswith("GUI:")]
-    if gui and gui[0].split(":", 1)[1].strip().upper() == "NONE":
-        return False, "OpenCV was built without a GUI backend"
-    return True, ""
-
-
-class WindowDisplay:
-    """An OpenCV window showing the newest overlay; ``show`` returns False once q/Esc is pressed or the
-    window is closed. Call from the main thread only."""
-
-    QUIT_KEYS = (ord("q"), ord("Q"), 27)
-
-    def __init__(self, title: str) -> None:
-        self.title = title
-        self._opened = False
-        self._broken = False
-
-    def show(self, image: np.ndarray) -> bool:
-        if self._broken:
-            return True
-        try:
-            if not self._opened:
-                cv2.namedWindow(self.title, cv2.WINDOW_NORMAL)
-                self._opened = True
-            elif cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
-                return False
-            cv2.imshow(self.title, image)
-            key = cv2.waitKey(1) & 0xFF
-        except cv2.error as exc:  # OpenCV built without highgui, or the window system went away
-            self._broken = True
-            text = str(exc).strip().splitlines()
-            log.warning("window off: %s", text[-1] if text else "cannot open a window")
-            return True
-        return key not in self.QUIT_KEYS
-
-    def close(self) -> None:
-        if self._opened:
-            try:
-                cv2.destroyWindow(self.title)
-                cv2.waitKey(1)
-            except cv2.error:
-                pass
-
-
-class ProgressLine:
-    """``\\r``-updated progress on stderr when it is a terminal; otherwise one line every 10 s."""
-
-    def __init__(self, stream: Any = None) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last_line = time.perf_counter()
-        self._drawn = False
-
-    def __call__(self, done: int, total: int | None, fps: float) -> None:
-        if total:
-            filled = min(30, int(30 * done / total))
-            text = f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} frames  {fps:6.1f} fps"
-        else:
-            text = f"{done} frames  {fps:6.1f} fps"
-        if self.tty:
-            self.stream.write(f"\r{text}\x1b[K")
-            self.stream.flush()
-            self._drawn = True
-        elif time.perf_counter() - self._last_line >= 10.0:
-            self._last_line = time.perf_counter()
-            self.stream.write(text + "\n")
-
-    def finish(self) -> None:
-        if self._drawn:
-            self.stream.write("\n")
-            self._drawn = False
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model, output and run flags shared by live and replay (each overrides one config value)."""
-    model = parser.add_argument_group("model")
-    model.add_argument("--weights", metavar="FILE",
-                       help="checkpoint carrying its own recipe (config model.weights, "
-                            "default weights/icnet_interferogram.pt)")
-    model.add_argument("--backend", choices=("torch", "onnx"), help="inference backend (model.backend)")
-    model.add_argument("--num-classes", type=int, metavar="N",
-                       help="fail unless the checkpoint predicts exactly N classes")
-    model.add_argument("--background", metavar="FILE",
-                       help="background hologram (the same field recorded without sample): the hologram stage "
-                            "divides by its field, so tilt, aberrations and dust cancel (preprocess.background_file)")
-    outputs = parser.add_argument_group("outputs (any combination)")
-    outputs.add_argument("--out", metavar="FILE.mp4", help="write the overlay video (output.video)")
-    outputs.add_argument("--gif", metavar="FILE.gif",
-                         help="write an overlay GIF; output.gif_stride/gif_scale/gif_max_frames/gif_fps "
-                              "keep it small (output.gif)")
-    outputs.add_argument("--masks", metavar="DIR", help="write label maps as DIR/000000.png ... (output.masks_dir)")
-    outputs.add_argument("--csv", metavar="FILE",
-                         help="per-frame statistics, .csv or .jsonl: class fractions, components, latency "
-                              "(output.csv)")
-    outputs.add_argument("--stats", metavar="FILE.json",
-                         help="write the per-stage timing summary as JSON (output.stats_json)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames (pipeline.max_frames)")
-    run.add_argument("--sequential", action="store_true",
-                     help="run the naive one-frame-at-a-time loop instead of the threaded pipeline")
-    run.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
-    add_config_arguments(parser)
-
-
-def config_with_flags(args: argparse.Namespace, **extra: dict[str, Any]) -> Config:
-    """The config file + ``--set`` overrides, then the dedicated flags on top."""
-    config = config_from_args(args)
-    changes: dict[str, dict[str, Any]] = {"model": {}, "output": {}, "pipeline": {}, "preprocess": {}}
-    for flag, section, key in (("weights", "model", "weights"), ("backend", "model", "backend"),
-                               ("background", "preprocess", "background_file"),
-                               ("out", "output", "video"), ("gif", "output", "gif"),
-                               ("masks", "output", "masks_dir"), ("csv", "output", "csv"),
-                               ("stats", "output", "stats_json"), ("max_frames", "pipeline", "max_frames")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            changes[section][key] = value
-    for section, values in extra.items():
-        changes.setdefault(section, {}).update(values)
-    return replace(config, **{section: values for section, values in changes.items() if values})
-
-
-def outputs_of(config: Config) -> list[str]:
-    output = config.output
-    return [path for path in (output.video, output.gif, output.masks_dir, output.csv) if path]
-
-
-def run_app(prog: str, config: Config, *, realtime: bool, num_classes: int | None, sequential: bool) -> int:
-    """Build the stages from ``config``, run them, print the summary; returns the exit code."""
-    weights = Path(config.model.weights)
-    if not weights.is_file():
-        raise UsageError(f"weights file not found: {weights}; pass --weights FILE (a checkpoint saved by "
-                       f"python -m app.train)")
-    display = None
-    if config.output.display:
-        available, reason = display_available()
-        if available:
-            display = WindowDisplay(f"{prog}: {config.source.uri}")
-        else:
-            log.info("window off: %s", reason)
-    stages = build_stages(config, realtime=realtime, num_classes=num_classes)
-    progress = ProgressLine() if stages.source.info.frame_count else None
-    log.info("%s: %s -> %s with %s (%s); %s", prog, config.source.uri,
-             ", ".join(outputs_of(config)) or "no files", weights, stages.inference.name,
-             "press q/Esc or Ctrl-C to stop" if display else "Ctrl-C to stop")
-    try:
-        if sequential:
-            result = stages.run_sequential(config.pipeline, display=display, progress=progress)
-        else:
-            result = stages.pipeline(config.pipeline, display=display, progress=progress).run()
-    finally:
-        if progress is not None:
-            progress.finish()
-        if display is not None:
-            display.close()
-    report(result, config, hologram_summary(stages.preprocessor))
-    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
-
-
-def hologram_summary(preprocessor: Any) -> dict[str, Any]:
-    """What the hologram stage used (mode, carrier, background file), for the stats JSON; {} without one."""
-    demodulator = getattr(preprocessor, "demodulator", None)
-    if demodulator is None:
-        return {}
-    settings = preprocessor.settings
-    carrier = demodulator.carrier
-    return {"hologram": settings.hologram, "hologram_backend": "torch" if preprocessor.on_device else "numpy",
-            "hologram_filter": settings.hologram_filter,
-            "hologram_filter_size": settings.hologram_filter_size,
-            "background_file": settings.background_file or None,
-            "carrier": None if carrier is None else {
-                "fy_cycles_per_px": carrier.fy, "fx_cycles_per_px": carrier.fx,
-                "period_px": carrier.period_px, "angle_deg": carrier.angle_deg}}
-
-
-def report(result: PipelineResult, config: Config, preprocessing: dict[str, Any] | None = None) -> None:
-    """Summary table (and the written files) on stderr; the JSON summary when asked for."""
-    summary = result.to_dict()
-    print(format_table(summary), file=sys.stderr)
-    for path in outputs_of(config):
-        if Path(path).exists():
-            print(f"wrote {path}", file=sys.stderr)
-    if config.output.stats_json:
-        summary["config"] = {"source": config.source.uri, "weights": config.model.weights,
-                             "backend": config.model.backend, "batch_size": config.pipeline.batch_size,
-                             "queue_size": config.pipeline.queue_size,
-                             "background_file": config.preprocess.background_file or None}
-        if preprocessing:
-            summary["preprocessing"] = preprocessing
-        write_json(config.output.stats_json, summary)
-        print(f"wrote {config.output.stats_json}", file=sys.stderr)
+def main_of(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
+            argv: list[str] | None = None) -> int:
+    """Parse ``argv``, set up logging from ``-v``/``-q`` when the parser has them, and run
+    ``run(args)`` through :func:`~app.errors.guarded_main`."""
+    args = parser.parse_args(argv)
+    if hasattr(args, "verbose"):
+        setup_logging(args.verbose, getattr(args, "quiet", False))
+    return guarded_main(prog, lambda: run(args))

@@ -8,7 +8,6 @@ type names the key and the expected type.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import types
@@ -83,22 +82,38 @@ class SynthConfig:
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
-    from_checkpoint: bool = True
+class PreprocessRecipe:
+    """The preprocessing a model is trained with, recorded in its checkpoint and replayed at inference.
+
+    Its fields are the one list that drives the ``preprocess`` config section (:class:`PreprocessConfig`
+    extends it), the run-time settings (:class:`app.pipeline.preprocess.PreprocessSettings` extends it),
+    the checkpoint recipe (:func:`app.pipeline.preprocess.recipe`) and training.
+    """
+
     clahe: bool = False
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
     background: str = "none"
     background_frames: int = 10
     background_alpha: float = 0.05
-    input_size: int = 0
-    hologram: str = "none"
+    hologram: str = "none"  # none | offaxis: demodulate off-axis holograms into field channels
     hologram_filter: str = "smooth_disk"
     hologram_filter_size: float = 0.5
-    hologram_background_fit: bool = True
-    hologram_carrier: tuple[float, ...] = ()
-    background_file: str = ""
-    hologram_backend: str = "auto"
+    hologram_background_fit: bool = True  # remove the residual tilt/curvature after the background division
+
+
+RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(PreprocessRecipe))
+
+
+@dataclass(frozen=True)
+class PreprocessConfig(PreprocessRecipe):
+    """The ``preprocess`` section: the recipe plus run-time choices that are never recorded."""
+
+    from_checkpoint: bool = True
+    input_size: int = 0
+    hologram_carrier: tuple[float, ...] = ()  # (period_px, angle_deg); empty = found from the data
+    background_file: str = ""  # background hologram (run-time input, not part of the recipe)
+    hologram_backend: str = "auto"  # numpy | torch | auto (torch when the model runs on CUDA)
 
 
 @dataclass(frozen=True)
@@ -385,16 +400,3 @@ def replace(config: Config, **sections: dict[str, Any]) -> Config:
         current.update(values)
         changed[name] = _build(type(section), current, f"{name}.")
     return dataclasses.replace(config, **changed)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config PATH`` and repeatable ``--set section.key=value`` to a CLI parser."""
-    parser.add_argument("--config", metavar="PATH", default=None,
-                        help="configuration file (default: config.yaml in the repository)")
-    parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides",
-                        help="override one config value, e.g. --set preprocess.clahe=false (repeatable)")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Build the Config from the ``--config``/``--set`` arguments added by :func:`add_config_arguments`."""
-    return load_config(args.config, args.overrides)

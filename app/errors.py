@@ -6,7 +6,7 @@ Every CLI runs its body through :func:`guarded_main`, which turns any exception 
 stderr, ``PROG: error: MESSAGE``, and the exit code:
 
 * :data:`EXIT_USAGE` (2): bad input (arguments, config, files, weights) — an :class:`AppError` by default,
-  and ``FileNotFoundError``;
+  and the :data:`PATH_ERRORS` (a missing, unwritable or wrong kind of path);
 * :data:`EXIT_FAILURE` (1): a runtime failure (a stage failed mid-run, a bug); unexpected exceptions
   add their type name to the line;
 * :data:`EXIT_INTERRUPTED` (130): Ctrl-C or SIGTERM, with outputs finalised.
@@ -29,6 +29,9 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 log = logging.getLogger("app")
+
+PATH_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""OS errors about a path the user gave (missing, not a folder, not writable): bad input, exit 2."""
 
 
 class AppError(Exception):
@@ -57,7 +60,7 @@ def exit_code_for(error: BaseException) -> int:
         return EXIT_INTERRUPTED
     if isinstance(error, AppError):
         return int(error.exit_code)
-    if isinstance(error, FileNotFoundError):
+    if isinstance(error, PATH_ERRORS):
         return EXIT_USAGE
     return EXIT_FAILURE
 
@@ -65,7 +68,7 @@ def exit_code_for(error: BaseException) -> int:
 def describe(error: BaseException) -> str:
     """One line for the user: the message of an :class:`AppError` (or FileNotFoundError); the type name
     and message of anything unexpected."""
-    if isinstance(error, (AppError, FileNotFoundError)):
+    if isinstance(error, (AppError, *PATH_ERRORS)):
         return first_line(error)
     text = first_line(error)
     name = type(error).__name__

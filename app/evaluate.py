@@ -23,13 +23,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from app.config import Config, ConfigError, add_config_arguments, config_from_args, replace
-from app.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from app.pipeline.hologram import HologramError
+from app.cli import Parser, add_config_arguments, config_from_args, main_of
+from app.config import Config, replace
+from app.errors import EXIT_OK
+from app.files import write_text
 from app.pipeline.inference import Backend
-from app.pipeline.preprocess import PreprocessError, PreprocessSettings, settings_from
-from app.synthesis.generator import SynthError
-from app.training.datasets import DatasetError
+from app.pipeline.preprocess import PreprocessSettings, settings_from
 from app.training.evaluation import (
     EvalFrame,
     EvaluateError,
@@ -41,11 +40,11 @@ from app.training.evaluation import (
     unlabelled_frames,
     write_per_image,
 )
-from app.training.metrics import METRIC_KEYS, MetricsError, json_safe
+from app.training.metrics import METRIC_KEYS, json_safe
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m app.evaluate",
         description="Score a checkpoint on labelled data (per-class IoU and Dice), or predict on unlabelled "
                     "frames (class fractions and speed).",
@@ -77,29 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    prog = parser.prog
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except (EvaluateError, DatasetError, ConfigError, PreprocessError, HologramError, SynthError, MetricsError,
-            FileNotFoundError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as exc:
-        from app.pipeline.backends import BackendError
-        from app.pipeline.sources import SourceError
-        from models import CheckpointError
-
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, (CheckpointError, BackendError, SourceError)):
-            print(f"{prog}: error: {text}", file=sys.stderr)
-            return EXIT_USAGE
-        print(f"{prog}: error: {type(exc).__name__}: {text}", file=sys.stderr)
-        return EXIT_FAILURE
+    return main_of("python -m app.evaluate", build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -122,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     model, meta = load_checkpoint(args.weights)
     settings = settings_from(cfg.preprocess, meta.in_channels, meta.normalization,
                              meta.train_config.get("preprocess"))
-    backend = create_backend(cfg.model, model, meta, args.weights, concurrent=False)
+    backend = create_backend(cfg.model, model, meta.in_channels, args.weights, concurrent=False)
     if sweep is not None:
         return run_sweep(sweep, cfg, args, backend, settings, meta)
     if args.synthetic:
@@ -157,8 +134,7 @@ def _run(args: argparse.Namespace) -> int:
                        "frames": result.frames, "labelled_frames": result.labelled_frames, "fps": result.fps,
                        "weights": args.weights, "data": what})
         path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+        write_text(path, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
         print(f"wrote {path}", file=sys.stderr)
     if args.per_image:
         write_per_image(Path(args.per_image), result.per_image)

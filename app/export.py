@@ -11,7 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from models import CheckpointError, load_checkpoint
+from app.cli import Parser, main_of
+from app.errors import EXIT_FAILURE, EXIT_OK, AppError, UsageError, first_line
+from models import load_checkpoint
 from models.onnx_export import ExportError, export_onnx, verify_onnx
 
 TOLERANCE = {False: 1e-4, True: 1e-2}  # keyed by fp16
@@ -31,7 +33,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m app.export",
         description="Export a checkpoint to ONNX (dynamic batch, height and width unless --static) and check "
                     "that ONNX Runtime gives the same logits as PyTorch on random inputs at two or more sizes.",
@@ -57,27 +59,24 @@ def default_sizes(input_size: tuple[int, int]) -> list[tuple[int, int]]:
     return [(max(MIN_SIDE, height), max(MIN_SIDE, width)), odd]
 
 
-def _fail(message: str, status: int) -> int:
-    print(f"app.export: error: {message}", file=sys.stderr)
-    return status
+class ParityError(AppError):
+    """ONNX Runtime's output differs from PyTorch's by more than the tolerance (exit 1)."""
+
+    exit_code = EXIT_FAILURE
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     weights = Path(args.weights)
     out = Path(args.out) if args.out else weights.with_suffix(".onnx")
     static = tuple(args.static) if args.static else None
     if static is not None and min(static) < MIN_SIDE:
-        return _fail(f"--static {static[0]} {static[1]}: both sides must be at least {MIN_SIDE}", 2)
-    try:
-        model, meta = load_checkpoint(weights)
-    except CheckpointError as exc:
-        return _fail(str(exc), 2)
+        raise UsageError(f"--static {static[0]} {static[1]}: both sides must be at least {MIN_SIDE}")
+    model, meta = load_checkpoint(weights)
     print(f"loaded {weights}: {meta.arch}, {meta.in_channels} input channel(s), {meta.num_classes} classes",
           file=sys.stderr)
     sizes = args.sizes or ([static] if static else default_sizes(meta.input_size))
     if static and any(size != static for size in sizes):
-        return _fail(f"a graph exported with --static {static[0]} {static[1]} only runs at that size", 2)
+        raise UsageError(f"a graph exported with --static {static[0]} {static[1]} only runs at that size")
     mode = f"static {static[0]}×{static[1]}" if static else "dynamic H×W"
     print(f"exporting {meta.arch} to {out} (opset {args.opset}, {mode}, {'fp16' if args.fp16 else 'fp32'})",
           file=sys.stderr)
@@ -87,16 +86,20 @@ def main(argv: list[str] | None = None) -> int:
                     fp16=args.fp16, sample_hw=sizes[0])
         print(f"checking with ONNX Runtime at {', '.join(f'{h}x{w}' for h, w in sizes)}", file=sys.stderr)
         diffs = [(size, verify_onnx(model, out, sizes=[size], fp16=args.fp16)) for size in sizes]
-    except ExportError as exc:
-        return _fail(str(exc), 1)
+    except ExportError as exc:  # the export itself failed: a runtime failure, not bad input
+        raise ParityError(first_line(exc)) from exc
     for (height, width), diff in diffs:
         verdict = "ok" if diff <= tolerance else f"ABOVE {tolerance:g}"
         print(f"{height}x{width}: max |onnx - torch| = {diff:.3g}  {verdict}")
     worst = max(diff for _, diff in diffs)
     if worst > tolerance:
-        return _fail(f"ONNX output differs from PyTorch by {worst:.3g} (tolerance {tolerance:g})", 1)
+        raise ParityError(f"ONNX output differs from PyTorch by {worst:.3g} (tolerance {tolerance:g})")
     print(f"wrote {out}", file=sys.stderr)
-    return 0
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_of("app.export", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.cli import add_common_arguments, config_with_flags, run_app, setup_logging
-from app.errors import guarded_main
+from app.cli import doc_parser, main_of
+from app.run import add_common_arguments, config_with_flags, run_app
 
 PROG = "app.live"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0].replace("``", ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = doc_parser(PROG, __doc__)
     parser.add_argument("--source", metavar="SRC",
                         help="synthetic | camera0 | 0 | /dev/video0 | video file | image folder or glob | "
                              "rtsp://... | http://... (config source.uri, default synthetic)")
@@ -35,20 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> int:
+    extra: dict[str, dict] = {}
+    if args.source is not None:
+        extra["source"] = {"uri": args.source}
+    if args.no_display:
+        extra["output"] = {"display": False}
+    config = config_with_flags(args, **extra)
+    return run_app(PROG, config, realtime=True, num_classes=args.num_classes, sequential=args.sequential)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-
-    def body() -> int:
-        extra: dict[str, dict] = {}
-        if args.source is not None:
-            extra["source"] = {"uri": args.source}
-        if args.no_display:
-            extra["output"] = {"display": False}
-        config = config_with_flags(args, **extra)
-        return run_app(PROG, config, realtime=True, num_classes=args.num_classes, sequential=args.sequential)
-
-    return guarded_main(PROG, body)
+    return main_of(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

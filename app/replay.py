@@ -18,22 +18,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.cli import (
+from app.cli import doc_parser, main_of
+from app.run import (
     add_common_arguments,
     config_with_flags,
     outputs_of,
     run_app,
-    setup_logging,
 )
-from app.errors import guarded_main
 
 PROG = "app.replay"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0].replace("``", ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = doc_parser(PROG, __doc__)
     parser.add_argument("source", metavar="SRC",
                         help="image folder, glob (quote it) or video file; 'synthetic' replays the "
                              "generator unpaced")
@@ -51,18 +48,16 @@ def default_gif(source: str) -> Path:
     return Path("out") / f"{name or 'replay'}_overlay.gif"
 
 
+def run(args: argparse.Namespace) -> int:
+    config = config_with_flags(args, source={"uri": args.source}, output={"display": args.display})
+    if not outputs_of(config):
+        config = config_with_flags(args, source={"uri": args.source},
+                                   output={"display": args.display, "gif": str(default_gif(args.source))})
+    return run_app(PROG, config, realtime=False, num_classes=args.num_classes, sequential=args.sequential)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-
-    def body() -> int:
-        config = config_with_flags(args, source={"uri": args.source}, output={"display": args.display})
-        if not outputs_of(config):
-            config = config_with_flags(args, source={"uri": args.source},
-                                       output={"display": args.display, "gif": str(default_gif(args.source))})
-        return run_app(PROG, config, realtime=False, num_classes=args.num_classes, sequential=args.sequential)
-
-    return guarded_main(PROG, body)
+    return main_of(PROG, build_parser(), run, argv)
 
 
 if __name__ == "__main__":

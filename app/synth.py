@@ -8,15 +8,16 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from app.config import ConfigError, add_config_arguments, config_from_args, replace
-from app.pipeline.hologram import HologramError
+from app.cli import Parser, add_config_arguments, config_from_args, main_of
+from app.config import replace
+from app.errors import EXIT_OK
 from app.synthesis import make_sequence
 from app.synthesis.generator import MIN_SIZE, SynthError
 from app.synthesis.writer import write_sequence
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m app.synth",
         description="Write a synthetic off-axis interferogram sequence of moving cells with exact masks: "
                     "DIR/images/NNNNNN.png, DIR/masks/NNNNNN.png (0 = background, 1 = cell, 255 = ignore) "
@@ -48,40 +49,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     flags = {"frames": args.frames, "size": args.size, "seed": args.seed, "bit_depth": args.bit_depth}
-    try:
-        cfg = config_from_args(args)
-        cfg = replace(cfg, synth={k: v for k, v in flags.items() if v is not None})
-        fps = args.fps if args.fps is not None else cfg.output.video_fps
-        if fps <= 0:
-            raise SynthError(f"--fps must be > 0, got {fps}")
-        synth = cfg.synth
-        if args.randomize:
-            synth = dataclasses.replace(synth, randomize=True)
-        if args.like is not None:
-            from app.synthesis.like import like
+    cfg = config_from_args(args)
+    cfg = replace(cfg, synth={k: v for k, v in flags.items() if v is not None})
+    fps = args.fps if args.fps is not None else cfg.output.video_fps
+    if fps <= 0:
+        raise SynthError(f"--fps must be > 0, got {fps}")
+    synth = cfg.synth
+    if args.randomize:
+        synth = dataclasses.replace(synth, randomize=True)
+    if args.like is not None:
+        from app.synthesis.like import like
 
-            measured = like(args.like)
-            print(f"app.synth: {args.like}: " + ", ".join(f"{k} {v:.3g}" for k, v in measured.items()), file=sys.stderr)
-            synth = dataclasses.replace(synth, randomize=True, keep=tuple(sorted(set(synth.keep) | set(measured))),
-                                        **measured)
-        if args.sequences < 1:
-            raise SynthError(f"--sequences must be >= 1, got {args.sequences}")
-        for k in range(args.sequences):
-            out = args.out if args.sequences == 1 else args.out / f"seq{k:03d}"
-            video = args.video if args.sequences == 1 or args.video is None else \
-                args.video.with_name(f"{args.video.stem}_{k:03d}{args.video.suffix}")
-            seq = make_sequence(dataclasses.replace(synth, seed=synth.seed + k))
-            write_sequence(seq, out, video, fps, progress=sys.stderr.isatty())
-    except (ConfigError, SynthError, HologramError, OSError) as exc:
-        print(f"app.synth: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("app.synth: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        measured = like(args.like)
+        print(f"app.synth: {args.like}: " + ", ".join(f"{k} {v:.3g}" for k, v in measured.items()), file=sys.stderr)
+        synth = dataclasses.replace(synth, randomize=True, keep=tuple(sorted(set(synth.keep) | set(measured))),
+                                    **measured)
+    if args.sequences < 1:
+        raise SynthError(f"--sequences must be >= 1, got {args.sequences}")
+    for k in range(args.sequences):
+        out = args.out if args.sequences == 1 else args.out / f"seq{k:03d}"
+        video = args.video if args.sequences == 1 or args.video is None else \
+            args.video.with_name(f"{args.video.stem}_{k:03d}{args.video.suffix}")
+        seq = make_sequence(dataclasses.replace(synth, seed=synth.seed + k))
+        write_sequence(seq, out, video, fps, progress=sys.stderr.isatty())
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_of("app.synth", _parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -23,19 +23,15 @@ import threading
 import time
 from typing import Any
 
-from app.config import ConfigError, add_config_arguments, config_from_args, replace
-from app.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from app.pipeline.preprocess import PreprocessError
-from app.training.datasets import (
-    DatasetError,
-)
-from app.training.losses import LossError
+from app.cli import Parser, add_config_arguments, config_from_args, main_of
+from app.config import replace
+from app.errors import EXIT_INTERRUPTED, EXIT_OK
 from app.training.trainer import EpochSummary, Progress, RunSpec, Trainer, TrainError
-from models import CheckpointError, ModelError, list_models
+from models import list_models
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m app.train",
         description="Train a segmentation model. Writes OUT (best val mIoU), OUT's .last.pt (resumable "
                     "state, every epoch and on Ctrl-C) and .history.csv.",
@@ -114,13 +110,16 @@ def _summary_line(summary: EpochSummary) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    prog = parser.prog
     command = shlex.join(["python", "-m", "app.train", *(sys.argv[1:] if argv is None else argv)])
+    return main_of("python -m app.train", build_parser(), lambda args: run(args, command), argv)
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    # Ctrl-C finishes the current step and saves the state; a second one stops at once (see _StopFlag).
     stop = _StopFlag()
     signal.signal(signal.SIGINT, stop.handle)
     signal.signal(signal.SIGTERM, stop.handle)
+    progress = _ProgressLine()
     try:
         if args.resume:
             given = [flag for flag, value in (("--data", args.data), ("--synthetic", args.synthetic or None),
@@ -141,29 +140,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training {trainer.cfg.train.model} on {source}: {len(trainer.train_set)} training frames, "
               f"{len(trainer.val_set) if trainer.val_set is not None else 0} validation frames, "
               f"{trainer.steps_per_epoch} steps/epoch, device {trainer.device}", file=sys.stderr)
-        progress = _ProgressLine()
 
         def summary(record: EpochSummary) -> None:
             progress.clear()
             _summary_line(record)
 
         result = trainer.fit(progress=progress, summary=summary, stop=stop)
-    except (TrainError, DatasetError, ConfigError, ModelError, CheckpointError, LossError, PreprocessError) as exc:
-        print(f"\n{prog}: error: {exc}" if sys.stderr.isatty() else f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    progress.clear()
-    run = trainer.run
+    finally:
+        progress.clear()
+    spec = trainer.run
     if result.interrupted:
-        print(f"interrupted: state saved to {run.last_path}; continue with python -m app.train --resume "
-              f"{run.last_path}", file=sys.stderr)
+        print(f"interrupted: state saved to {spec.last_path}; continue with python -m app.train --resume "
+              f"{spec.last_path}", file=sys.stderr)
         return EXIT_INTERRUPTED
     reason = "early stop" if result.stopped_early else "done"
     best = "n/a" if result.best_miou is None else f"{result.best_miou:.4f}"
-    print(f"{reason} after {result.epochs_done} epochs; best val mIoU {best}; wrote {run.out}, {run.last_path}, "
-          f"{run.history_path}", file=sys.stderr)
+    print(f"{reason} after {result.epochs_done} epochs; best val mIoU {best}; wrote {spec.out}, {spec.last_path}, "
+          f"{spec.history_path}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING, Any
 
+from app.pipeline.sinks import SINKS
 from benchmarks.stages import (
     overlay_runner,
     predict_runner,
@@ -33,16 +34,14 @@ from benchmarks.workload import preprocessor
 if TYPE_CHECKING:
     from benchmarks.workload import Context
 
-OUTPUTS = ("mp4", "gif", "masks", "csv")
+OUTPUTS = tuple(SINKS)
 
 
 def run_section(ctx: Context) -> dict[str, Any]:
     """Returns ``pipeline_fps``, ``naive_fps``, ``speedup``, ``slowest_stage``, ``slowest_stage_fps``,
     ``efficiency``, the standalone ``stages`` and the pipeline's own per-stage statistics."""
     from app.config import replace
-    from app.pipeline.factory import place_hologram_stage
-    from app.pipeline.inference import InferenceWorker
-    from app.pipeline.overlay import OverlayRenderer
+    from app.pipeline.factory import build_inference, build_renderer, place_hologram_stage
     from app.pipeline.runner import Pipeline, run_sequential
     from app.pipeline.sinks import open_sinks
     from app.pipeline.sources import open_source
@@ -53,8 +52,7 @@ def run_section(ctx: Context) -> dict[str, Any]:
     out = ctx.workdir / "end-to-end"
 
     def outputs(mode: str) -> dict[str, Any]:
-        return {"display": False, "video": str(out / mode / "overlay.mp4"), "gif": str(out / mode / "overlay.gif"),
-                "masks_dir": str(out / mode / "masks"), "csv": str(out / mode / "frames.csv")}
+        return {"display": False, **{spec.config_key: str(out / mode / spec.bench_name) for spec in SINKS.values()}}
 
     run_config = replace(config, source={"uri": str(folder), "loop": False}, pipeline={"max_frames": 0},
                          output=outputs("pipeline"))
@@ -62,14 +60,9 @@ def run_section(ctx: Context) -> dict[str, Any]:
     # gets the thread count model.threads gives it (auto: all cores but one vs all cores).
     backends = {"pipeline": ctx.backend(config.model.backend, concurrent=True),
                 "naive": ctx.backend(config.model.backend, concurrent=False)}
-    workers = {mode: InferenceWorker(backend, batch_size=config.pipeline.batch_size,
-                                     batch_timeout_ms=config.pipeline.batch_timeout_ms,
-                                     warmup_iters=config.model.warmup_iters)
-               for mode, backend in backends.items()}
+    workers = {mode: build_inference(config, backend) for mode, backend in backends.items()}
     backend, worker = backends["pipeline"], workers["pipeline"]
-    style = config.overlay
-    renderer = OverlayRenderer(meta.palette, alpha=style.alpha, contours=style.contours,
-                               contour_thickness=style.contour_thickness, hud=style.hud)
+    renderer = build_renderer(config, meta.palette)
 
     def run(mode: str) -> Any:
         mode_config = replace(run_config, output=outputs(mode))

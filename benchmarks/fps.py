@@ -33,7 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app.config import Config, ConfigError, add_config_arguments, config_from_args
+from app.cli import Parser, add_config_arguments, config_from_args, main_of
+from app.config import Config, ConfigError
+from app.errors import EXIT_INTERRUPTED, EXIT_OK
 
 SECTIONS = ("storage", "stages", "hologram", "models", "end_to_end")
 QUICK_OVERRIDES = (
@@ -58,7 +60,7 @@ ONNX_NOISE_TOLERANCE = 0.95  # "no slower" allowing 5 % run-to-run noise of a sh
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m benchmarks.fps",
         description="Measure frame rates: reading image sequences from disks and emulated HDD/SSD profiles, "
                     "each pipeline stage alone, every model per backend, and the threaded pipeline against "
@@ -314,7 +316,11 @@ def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    command = "python -m benchmarks.fps " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return main_of("benchmarks.fps", _parser(), lambda args: _run(args, command), argv)
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
     from app.config import load_config
     from benchmarks import report
 
@@ -323,28 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
 
-    try:
-        sections = parse_sections(args.sections)
-        dirs = parse_dirs(args.dirs)
-        config = (load_config(args.config, [*QUICK_OVERRIDES, *args.overrides]) if args.quick
-                  else config_from_args(args))
-        command = "python -m benchmarks.fps " + shlex.join(sys.argv[1:] if argv is None else argv)
-        result = run(config, sections, dirs, args.workdir, log, quick=args.quick, command=command)
-        if args.json:
-            report.write_json(args.json, result)
-        if args.markdown:
-            report.write_markdown(args.markdown, result)
-        if args.plot:
-            report.write_plot(args.plot, result)
-    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        print(f"benchmarks.fps: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("benchmarks.fps: interrupted", file=sys.stderr)
-        return 130
+    sections = parse_sections(args.sections)
+    dirs = parse_dirs(args.dirs)
+    config = (load_config(args.config, [*QUICK_OVERRIDES, *args.overrides]) if args.quick
+              else config_from_args(args))
+    result = run(config, sections, dirs, args.workdir, log, quick=args.quick, command=command)
+    if args.json:
+        report.write_json(args.json, result)
+    if args.markdown:
+        report.write_markdown(args.markdown, result)
+    if args.plot:
+        report.write_plot(args.plot, result)
     print(report.to_markdown(result))
-    return 130 if result.get("interrupted") else 0
+    return EXIT_INTERRUPTED if result.get("interrupted") else EXIT_OK
 
 
 if __name__ == "__main__":

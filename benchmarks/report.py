@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,12 @@ from typing import Any
 import cv2
 import numpy as np
 
+from app.files import write_text
+
 
 def write_json(path: str | Path, result: dict[str, Any]) -> None:
     """Write ``result`` as indented JSON (temporary name, then renamed: never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
-    os.replace(partial, path)
+    write_text(path, json.dumps(result, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:

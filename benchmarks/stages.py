@@ -116,17 +116,13 @@ def rendered_items(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
 
 
 def writer_factories(config: Config, class_names: Sequence[str], folder: Path) -> dict[str, Callable[[], list]]:
-    """One factory per writer kind (mp4, gif, masks, csv), each writing into ``folder``, from the config."""
-    from app.pipeline.sinks import FrameStatsSink, GifSink, MaskFolderSink, VideoSink
+    """One factory per registered sink (:data:`app.pipeline.sinks.SINKS`), each writing into ``folder``."""
+    from app.pipeline.sinks import SINKS
 
-    out = config.output
-    return {
-        "mp4": lambda: [VideoSink(folder / "bench.mp4", out.video_fps)],
-        "gif": lambda: [GifSink(folder / "bench.gif", out.gif_fps, out.gif_stride, out.gif_scale,
-                                out.gif_max_frames)],
-        "masks": lambda: [MaskFolderSink(folder / "masks")],
-        "csv": lambda: [FrameStatsSink(folder / "bench.csv", class_names)],
-    }
+    def factory(spec: Any) -> Callable[[], list]:
+        return lambda: [spec.open(folder / spec.bench_name, config.output, class_names)]
+
+    return {name: factory(spec) for name, spec in SINKS.items()}
 
 
 def _row(stage: str, variant: str, size: int | str, rate: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -156,12 +152,10 @@ def run_section(ctx: Context) -> dict[str, Any]:
     With ``benchmark.large_input_size`` > 0, frames that large are also read and preprocessed down
     to the largest size (the interferogram seeds' 3072 → 1024).
     """
-    from app.pipeline.overlay import OverlayRenderer
+    from app.pipeline.factory import build_renderer
 
     config, bench, meta = ctx.config, ctx.config.benchmark, ctx.loaded.meta
-    overlay = config.overlay
-    renderer = OverlayRenderer(meta.palette, alpha=overlay.alpha, contours=overlay.contours,
-                               contour_thickness=overlay.contour_thickness, hud=overlay.hud)
+    renderer = build_renderer(config, meta.palette)
     plain = {"hologram": "none", "in_channels": 1, "normalization": (("mode", "standardize"),)}
     variants = {
         "standardize": plain,

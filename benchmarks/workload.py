@@ -60,38 +60,24 @@ def load_model(config: Config) -> LoadedModel:
 
 def make_backend(name: str, model: nn.Module, in_channels: int, config: Config, workdir: Path,
                  tag: str = "model", concurrent: bool = False) -> Any:
-    """A ``torch`` or ``onnx`` backend for ``model``; ONNX graphs are exported into ``workdir``.
+    """Backend ``name`` (a :data:`~app.pipeline.backends.BACKENDS` entry) for ``model``, made by the
+    pipeline's own factory; ONNX graphs are exported into ``workdir``. ``concurrent`` picks the thread
+    count the threaded pipeline uses, otherwise the count for inference running alone."""
+    import dataclasses
 
-    Thread count from ``model.threads`` (see :func:`app.pipeline.backends.inference_threads`): ``concurrent``
-    picks the pipeline's automatic count, otherwise the count for inference running alone.
-    """
-    from app.pipeline.backends import BackendError, OnnxBackend, TorchBackend, inference_threads
-    from models.onnx_export import export_onnx
+    from app.pipeline.backends import create_backend
 
-    settings = config.model
-    threads = inference_threads(settings.threads, concurrent=concurrent)
-    if name == "torch":
-        return TorchBackend(model, device=settings.device, precision=settings.precision,
-                            channels_last=settings.channels_last, compile=settings.compile, threads=threads,
-                            trace=settings.trace)
-    if name == "onnx":
-        path = workdir / f"{tag}.onnx"
-        if not path.exists():
-            export_onnx(model, path, in_channels=in_channels)
-        return OnnxBackend(path, threads=threads, device=settings.device, precision=settings.precision)
-    raise BackendError(f"unknown backend '{name}'; valid: torch, onnx")
+    settings = dataclasses.replace(config.model, backend=name)
+    return create_backend(settings, model, in_channels, workdir / f"{tag}.pt", concurrent=concurrent,
+                          onnx_path=workdir / f"{tag}.onnx")
 
 
 def preprocessor(loaded: LoadedModel, config: Config, **changes: Any) -> Preprocessor:
-    """The pipeline's preprocessing for ``loaded`` (as ``build_stages`` makes it), with ``changes``."""
-    import dataclasses
+    """The pipeline's preprocessing for ``loaded`` (:func:`app.pipeline.factory.build_preprocessor`),
+    with ``changes``."""
+    from app.pipeline.factory import build_preprocessor
 
-    from app.pipeline.preprocess import Preprocessor, settings_from
-
-    recorded = (loaded.meta.train_config or {}).get("preprocess")
-    settings = settings_from(config.preprocess, loaded.meta.in_channels, loaded.meta.normalization,
-                             recorded if isinstance(recorded, dict) else None)
-    return Preprocessor(dataclasses.replace(settings, **changes))
+    return build_preprocessor(config, loaded.meta, **changes)
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import colorsys
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.files import atomic_path
 from models.errors import CheckpointError, ModelError
 from models.registry import build_model
 
@@ -175,14 +175,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, options: d
 def atomic_save(payload: dict[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temporary name beside ``path``, then rename: a reader (or a crash mid-write)
     never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as partial:
+        torch.save(payload, partial)
 
 
 def _first_line(exc: BaseException) -> str:

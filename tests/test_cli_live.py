@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from app import cli, live, replay
+from app import live, replay, run
 from tests.pipeline_helpers import VTEST, count_video_frames, read_gif, write_indexed_images
 
 pytestmark = pytest.mark.timeout(60)
@@ -233,11 +233,11 @@ def test_display_is_off_without_a_display_server(monkeypatch):
         pytest.skip("display detection by environment applies to Linux")
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    available, reason = cli.display_available()
+    available, reason = run.display_available()
     assert not available and "DISPLAY" in reason
     monkeypatch.setenv("DISPLAY", ":0")
-    monkeypatch.setattr(cli.cv2, "getBuildInformation", lambda: "  GUI:   NONE\n")
-    available, reason = cli.display_available()
+    monkeypatch.setattr(run.cv2, "getBuildInformation", lambda: "  GUI:   NONE\n")
+    available, reason = run.display_available()
     assert not available and "without a GUI" in reason
 
 
@@ -245,8 +245,8 @@ def test_window_without_highgui_switches_itself_off(monkeypatch, caplog):
     def no_gui(*args):
         raise cv2.error("The function is not implemented. Rebuild the library with GUI support")
 
-    monkeypatch.setattr(cli.cv2, "namedWindow", no_gui)
-    window = cli.WindowDisplay("test")
+    monkeypatch.setattr(run.cv2, "namedWindow", no_gui)
+    window = run.WindowDisplay("test")
     frame = np.zeros((8, 8, 3), np.uint8)
     assert window.show(frame) and window.show(frame)
     assert caplog.text.count("window off") == 1

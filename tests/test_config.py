@@ -5,11 +5,10 @@ import dataclasses
 
 import pytest
 
+from app.cli import add_config_arguments, config_from_args
 from app.config import (
     Config,
     ConfigError,
-    add_config_arguments,
-    config_from_args,
     load_config,
     parse_override,
     replace,

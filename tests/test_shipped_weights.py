@@ -21,7 +21,7 @@ HL60 = SHARED_DATA / "real" / "hl60"
 
 @pytest.fixture(scope="module")
 def shipped():
-    from app.pipeline.backends import TorchBackend
+    from app.pipeline.backends.torch_backend import TorchBackend
     from models import load_checkpoint
 
     model, meta = load_checkpoint(WEIGHTS)
@@ -57,7 +57,7 @@ def test_held_out_randomised_holograms(shipped) -> None:
 @pytest.mark.parametrize("with_background", [True, False])
 def test_real_hl60_hologram(shipped, with_background) -> None:
     """Validation only (never trained on): cell IoU against the reference mask, 255 ignored."""
-    from app.pipeline.backends import TorchBackend
+    from app.pipeline.backends.torch_backend import TorchBackend
     from app.pipeline.preprocess import Preprocessor
     from models import load_checkpoint
 

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from app.config import Config
 
+
 @dataclass
 class Stages:
     """Everything a run needs, built from a Config (see :func:`build_stages`)."""
@@ -62,39 +63,69 @@ def place_hologram_stage(preprocessor: Any, backend: Any) -> None:
         backend.set_input_transform(preprocessor.device_demodulator(str(backend.device)))
 
 
+def load_model(config: Config, *, num_classes: int | None = None) -> tuple[Any, Any]:
+    """``(model, meta)`` from ``config.model.weights`` (:func:`models.load_checkpoint`); ``num_classes``
+    asserts the class count. Raises CheckpointError."""
+    from models import load_checkpoint
+
+    return load_checkpoint(Path(config.model.weights), num_classes=num_classes)
+
+
+def build_preprocessor(config: Config, meta: Any, **changes: Any) -> Any:
+    """The checkpoint's preprocessing (channels, normalisation and the recorded recipe) with
+    ``config.preprocess`` on top, and ``changes`` (PreprocessSettings fields) on top of that."""
+    import dataclasses
+
+    from app.pipeline.preprocess import Preprocessor, settings_from
+
+    recorded = (meta.train_config or {}).get("preprocess")
+    settings = settings_from(config.preprocess, meta.in_channels, meta.normalization,
+                             recorded if isinstance(recorded, dict) else None)
+    return Preprocessor(dataclasses.replace(settings, **changes) if changes else settings)
+
+
+def build_backend(config: Config, model: Any, meta: Any, *, concurrent: bool = True,
+                  onnx_path: str | Path | None = None) -> Any:
+    """The backend ``config.model.backend`` names (:data:`app.pipeline.backends.BACKENDS`)."""
+    from app.pipeline.backends import create_backend
+
+    return create_backend(config.model, model, meta.in_channels, config.model.weights, concurrent=concurrent,
+                          onnx_path=onnx_path)
+
+
+def build_inference(config: Config, backend: Any) -> InferenceWorker:
+    """The batching worker around ``backend`` with ``pipeline.batch_size``/``batch_timeout_ms``."""
+    return InferenceWorker(backend, batch_size=config.pipeline.batch_size,
+                           batch_timeout_ms=config.pipeline.batch_timeout_ms, warmup_iters=config.model.warmup_iters)
+
+
+def build_renderer(config: Config, palette: Any) -> OverlayRenderer:
+    """The overlay renderer ``config.overlay`` describes, in the checkpoint's ``palette``."""
+    overlay = config.overlay
+    return OverlayRenderer(palette, alpha=overlay.alpha, contours=overlay.contours,
+                           contour_thickness=overlay.contour_thickness, hud=overlay.hud, base=overlay.base)
+
+
 def build_stages(config: Config, *, realtime: bool = True, num_classes: int | None = None,
                  backend: Any = None) -> Stages:
-    """Load ``config.model.weights`` and build source, preprocessing, inference, overlay and sinks.
+    """Every stage from ``config``: source, the checkpoint's preprocessing, inference, overlay, sinks.
 
-    The checkpoint decides channels, normalisation, class names and palette (and, with
-    ``preprocess.from_checkpoint``, CLAHE/background settings). ``num_classes`` asserts the class count
-    (CheckpointError otherwise). ``backend`` replaces the backend :func:`app.pipeline.backends.create_backend`
-    would make. ``realtime=False`` opens the source for replay (file semantics). The source is opened
-    first, so a bad one fails in well under a second, before PyTorch is imported and the model loaded.
-    Raises the stage's own typed errors (SourceError, CheckpointError, BackendError, SinkError, ConfigError).
+    ``num_classes`` asserts the class count (CheckpointError otherwise). ``backend`` replaces the one
+    :func:`build_backend` would make. ``realtime=False`` opens the source for replay (file semantics).
+    The source is opened first, so a bad one fails in well under a second, before PyTorch is imported
+    and the model loaded. Raises the stage's own typed errors (SourceError, CheckpointError,
+    BackendError, SinkError, ConfigError).
     """
     source = open_source(config.source.uri, config, realtime=realtime)
     try:
-        from app.pipeline.backends import create_backend
-        from app.pipeline.preprocess import Preprocessor, settings_from
-        from models import load_checkpoint
-
-        weights = Path(config.model.weights)
-        model, meta = load_checkpoint(weights, num_classes=num_classes)
+        model, meta = load_model(config, num_classes=num_classes)
         if backend is None:
-            backend = create_backend(config.model, model, meta, weights)
-        recorded = (meta.train_config or {}).get("preprocess")
-        preprocessor = Preprocessor(settings_from(config.preprocess, meta.in_channels, meta.normalization,
-                                                  recorded if isinstance(recorded, dict) else None))
+            backend = build_backend(config, model, meta)
+        preprocessor = build_preprocessor(config, meta)
         place_hologram_stage(preprocessor, backend)
-        inference = InferenceWorker(backend, batch_size=config.pipeline.batch_size,
-                                    batch_timeout_ms=config.pipeline.batch_timeout_ms,
-                                    warmup_iters=config.model.warmup_iters)
-        overlay = config.overlay
-        renderer = OverlayRenderer(meta.palette, alpha=overlay.alpha, contours=overlay.contours,
-                                   contour_thickness=overlay.contour_thickness, hud=overlay.hud, base=overlay.base)
-        sinks = open_sinks(config.output, meta.class_names)
+        stages = Stages(source, preprocessor, build_inference(config, backend), build_renderer(config, meta.palette),
+                        open_sinks(config.output, meta.class_names), meta)
     except BaseException:
         source.close()
         raise
-    return Stages(source, preprocessor, inference, renderer, sinks, meta)
+    return stages

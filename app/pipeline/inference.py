@@ -3,24 +3,20 @@
 A *backend* (see :mod:`app.pipeline.backends`) is anything with ``name``, ``device``,
 ``predict(batch: float32 N×C×H×W) -> uint8 N×H×W`` and ``warmup(shape, iters)``.
 
-:func:`collect_batch` takes up to ``batch_size`` items from a queue: it waits (stop-aware) for the
-first one, then for at most ``batch_timeout_ms`` for more, so a batch never delays a frame by more than
-that. :class:`InferenceWorker` stacks consecutive frames of equal shape into one backend call, and
-resizes each label map (nearest neighbour) back to its frame's size when preprocessing resized it.
+The pipeline hands the worker batches of up to ``batch_size`` frames (collected by
+:func:`app.pipeline.queues.collect_batch`, which waits at most ``batch_timeout_ms`` for more after the
+first, so a batch never delays a frame by more than that). :class:`InferenceWorker` stacks consecutive
+frames of equal shape into one backend call, and resizes each label map (nearest neighbour) back to its
+frame's size when preprocessing resized it.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import cv2
 import numpy as np
-
-_POLL_S = 0.05
 
 
 class Backend(Protocol):
@@ -32,53 +28,6 @@ class Backend(Protocol):
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
 
     def warmup(self, shape: tuple[int, ...], iters: int = 2) -> None: ...
-
-
-class Stopped(Exception):
-    """Raised by stop-aware queue helpers when the pipeline's stop event is set."""
-
-
-def queue_get(source: queue.Queue[Any], stop: threading.Event, timeout_s: float | None = None) -> Any:
-    """Blocking ``get`` that wakes every 50 ms to check ``stop`` (raises :class:`Stopped`).
-
-    With ``timeout_s`` it raises ``queue.Empty`` after that long without an item.
-    """
-    deadline = None if timeout_s is None else time.perf_counter() + timeout_s
-    while True:
-        if stop.is_set():
-            raise Stopped
-        wait = _POLL_S if deadline is None else min(_POLL_S, deadline - time.perf_counter())
-        if wait <= 0:
-            return source.get_nowait()
-        try:
-            return source.get(timeout=wait)
-        except queue.Empty:
-            if deadline is not None and time.perf_counter() >= deadline:
-                raise
-
-
-def collect_batch(source: queue.Queue[Any], stop: threading.Event, batch_size: int,
-                  batch_timeout_ms: float, is_end: Any) -> tuple[list[Any], bool]:
-    """Up to ``batch_size`` items: wait for the first, then at most ``batch_timeout_ms`` for the rest.
-
-    Returns ``(items, end_seen)``; the end marker (``is_end(item)`` true) is not included in ``items``.
-    Raises :class:`Stopped` when ``stop`` is set while waiting for the first item.
-    """
-    first = queue_get(source, stop)
-    if is_end(first):
-        return [], True
-    items = [first]
-    deadline = time.perf_counter() + batch_timeout_ms / 1000.0
-    while len(items) < batch_size:
-        remaining = deadline - time.perf_counter()
-        try:
-            item = source.get_nowait() if remaining <= 0 else queue_get(source, stop, remaining)
-        except queue.Empty:
-            break
-        if is_end(item):
-            return items, True
-        items.append(item)
-    return items, False
 
 
 class InferenceWorker:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
+from app.config import RECIPE_KEYS, PreprocessConfig, PreprocessRecipe
 from app.errors import AppError
 from app.pipeline.hologram import (
     CHANNEL_NAMES,
@@ -22,9 +23,6 @@ from app.pipeline.hologram import (
     OffAxisDemodulator,
     load_background_hologram,
 )
-
-if TYPE_CHECKING:
-    from app.config import PreprocessConfig
 
 log = logging.getLogger(__name__)
 
@@ -185,22 +183,13 @@ def normalize(image: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class PreprocessSettings:
-    """Everything that decides the model input; stored in checkpoints so inference matches training."""
+class PreprocessSettings(PreprocessRecipe):
+    """Everything that decides the model input: the recorded :class:`~app.config.PreprocessRecipe`, the
+    checkpoint's channels and normalisation, and the run-time choices of the ``preprocess`` section."""
 
     in_channels: int = 1
-    clahe: bool = False
-    clahe_clip_limit: float = 2.0
-    clahe_tile_grid: int = 8
-    background: str = "none"
-    background_frames: int = 10
-    background_alpha: float = 0.05
     input_size: int = 0
     normalization: tuple[tuple[str, Any], ...] = (("mode", "standardize"),)
-    hologram: str = "none"  # none | offaxis: demodulate off-axis holograms into field channels
-    hologram_filter: str = "smooth_disk"
-    hologram_filter_size: float = 0.5
-    hologram_background_fit: bool = True  # remove the residual tilt/curvature after the background division
     hologram_carrier: tuple[float, ...] = ()  # (period_px, angle_deg); empty = found from the data
     background_file: str = ""  # background hologram (run-time input, not part of the recipe)
     hologram_backend: str = "auto"  # numpy | torch | auto (torch when the model runs on CUDA); run time
@@ -300,10 +289,6 @@ def make_demodulator(settings: PreprocessSettings,
                               background=background_hologram, background_fit=settings.hologram_background_fit)
 
 
-_RECIPE_KEYS = ("clahe", "clahe_clip_limit", "clahe_tile_grid", "background", "background_frames",
-                "background_alpha", "hologram", "hologram_filter", "hologram_filter_size", "hologram_background_fit")
-
-
 def settings_from(config: PreprocessConfig, in_channels: int, normalization: dict[str, Any],
                   recorded: dict[str, Any] | None = None) -> PreprocessSettings:
     """Combine the config with what a checkpoint recorded.
@@ -316,7 +301,7 @@ def settings_from(config: PreprocessConfig, in_channels: int, normalization: dic
     Channels and normalisation always come from the checkpoint; ``input_size`` from the config.
     """
     check_hologram_channels(recorded)
-    source: dict[str, Any] = {key: getattr(config, key) for key in _RECIPE_KEYS}
+    source: dict[str, Any] = {key: getattr(config, key) for key in RECIPE_KEYS}
     if config.from_checkpoint and recorded:
         defaults = type(config)()
         overridden = [f"{key}={source[key]} (checkpoint: {recorded[key]})" for key in source
@@ -335,7 +320,7 @@ def settings_from(config: PreprocessConfig, in_channels: int, normalization: dic
 def recipe(settings: PreprocessSettings) -> dict[str, Any]:
     """The part of ``settings`` a checkpoint records (inverse of :func:`settings_from`), with the model
     channels the hologram stage makes when it is on."""
-    recorded = {key: getattr(settings, key) for key in _RECIPE_KEYS}
+    recorded = {key: getattr(settings, key) for key in RECIPE_KEYS}
     if settings.hologram != "none":
         recorded["hologram_channels"] = list(CHANNEL_NAMES)
     return recorded

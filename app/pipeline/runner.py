@@ -1,25 +1,52 @@
-"""The threaded pipeline that wires the stages, and the naive sequential loop it is compared with.
+"""The pipeline: five stage objects of the same shape, and the two drivers that run them.
 
-Stages, each in its own thread, joined by bounded queues of ``pipeline.queue_size``::
+Stage objects (:class:`Stage`), in order (:data:`STAGES`)::
 
-    source -> preprocess -> inference (batches) -> overlay -> sinks   (+ display, main thread)
+    source -> preprocess -> inference -> overlay -> sinks        (+ display, in the caller's thread)
+    Frame     Preprocessed  Segmented    Rendered    Rendered
 
-Policies:
+Each has a ``name``, ``process(items) -> items`` (a list in, one output per item out; the source takes
+an empty list and returns one frame or the end marker) and ``close()``; ``prepare(items)`` is untimed
+work before ``process`` (the backend's warm-up), ``batch_size`` how many items it takes at once (1, but
+the inference worker's ``batch_size`` for inference). A :class:`Pipeline` builds one set of them, and
+the driver around every call is the same: the frame being worked on is remembered for error messages,
+``process`` is timed with ``time.perf_counter`` into the stage's :class:`~app.pipeline.stats.StageStats`,
+and the frames leaving the last stage are booked end to end (latency, fps).
 
-* A live source (camera, stream, paced synthetic) never waits: when the queue after the source or the
-  one after preprocessing is full, the oldest frame in it is discarded and counted (``dropped`` of the
-  ``source`` / ``preprocess`` stage). The queue in front of the model then holds only one batch, so
-  stale frames cannot pile up there and latency stays at about one model call plus ``batch_size``
-  source frame intervals. A file source blocks instead, so no frame is ever lost. Queues after
-  inference always block (backpressure).
-* The source delivers its first frame and then waits until the backend has warmed up on it: frames
-  captured during the warm-up would only queue up and make the first latencies and the fps meaningless.
-* End of stream is the :data:`~app.pipeline.sources.END_OF_STREAM` marker, forwarded by every stage.
-* An exception in any stage sets the stop event; every queue operation waits at most 50 ms between
-  checks of it, every join has a timeout, and :meth:`Pipeline.run` raises :class:`PipelineError`
-  naming the stage and frame ("inference stage failed on frame 17: ...").
-* Ctrl-C (KeyboardInterrupt in the main thread) or the display asking to quit stops all stages;
-  sinks are closed (files finalised) in any case, and ``run`` returns with ``stopped`` saying why.
+Drivers (a pipeline runs once, with either):
+
+* :meth:`Pipeline.run` (``mode="threaded"``): one thread per stage, joined by bounded
+  :class:`~app.pipeline.queues.Edge` queues of ``pipeline.queue_size``; inference takes batches of up
+  to ``batch_size``, waiting at most ``batch_timeout_ms`` for more after the first. The caller's thread
+  shows the newest overlay on the display, reports progress and supervises.
+* :meth:`Pipeline.run_sequential` / :func:`run_sequential` (``mode="sequential"``): the naive loop the
+  threaded one is compared with: one frame at a time through the same stage objects, batch size 1,
+  no threads (queue columns are zero).
+
+Edge policies, decided once from ``source.live`` by :func:`make_edges` (``edges[name]`` is the queue
+after stage ``name``):
+
+* A live source (camera, stream, paced synthetic) never waits: the edges after ``source`` and after
+  ``preprocess`` are ``DROP_OLDEST``; when one is full its oldest frame is discarded and counted in the
+  ``dropped`` statistic of the stage that feeds it. The edge in front of the model then holds only one
+  batch, so stale frames cannot pile up there and latency stays at about one model call plus
+  ``batch_size`` source frame intervals.
+* A file source uses ``BLOCK`` edges throughout: backpressure, no frame is ever lost. Edges after
+  inference always block.
+
+Common rules:
+
+* The source delivers its first frame and then waits until the backend has warmed up on it (threaded;
+  the sequential loop runs that frame through first anyway): frames captured during the warm-up would
+  only queue up and make the first latencies and the fps meaningless. Timings exclude the warm-up, and
+  frames captured before it ended are left out of the latency.
+* End of stream is the :data:`~app.pipeline.frames.END_OF_STREAM` marker, forwarded along every edge.
+* An exception in any stage stops all stages: every queue operation waits at most 50 ms between checks
+  of the stop event, every join has a timeout (``pipeline.join_timeout_s``), and the run raises
+  :class:`PipelineError` naming the stage and frame ("inference stage failed on frame 17: ...").
+* Ctrl-C (KeyboardInterrupt in the caller's thread) or the display asking to quit stops all stages;
+  every stage is closed at the end (sinks finalise their files) in any case, and the result's
+  ``stopped`` says why the run ended.
 
 Python API (what the CLIs and the benchmark harness use)::
 
@@ -35,14 +62,13 @@ Python API (what the CLIs and the benchmark harness use)::
 ``close()`` (:mod:`app.pipeline.sinks`). ``display`` (optional) has ``show(bgr_image) -> bool`` (False = quit)
 and is called from the thread that calls ``run`` with the newest overlay; ``progress`` (optional) is
 called there too, about ten times a second, as ``progress(frames_done, frames_expected_or_None, fps)``.
-Timings exclude backend warm-up. Per-stage statistics (:mod:`app.pipeline.stats`) cover frames, fps,
-mean/p50/p95 ms per frame, input-queue depth and drops.
+Per-stage statistics (:mod:`app.pipeline.stats`) cover frames, fps, mean/p50/p95 ms per frame,
+input-queue depth and drops.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import queue
 import threading
@@ -50,28 +76,23 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from app.config import PipelineConfig
 from app.errors import EXIT_FAILURE, EXIT_USAGE, AppError, first_line
 from app.pipeline.cpu import affinity_plan
-from app.pipeline.frames import END_OF_STREAM, EndOfStream, Frame
+from app.pipeline.frames import EndOfStream, Frame
 from app.pipeline.hologram import HologramError
-from app.pipeline.inference import InferenceWorker, Stopped, collect_batch, queue_get
+from app.pipeline.inference import InferenceWorker
 from app.pipeline.overlay import HudInfo, OverlayRenderer, picture_of
+from app.pipeline.queues import POLL_S, Edge, EdgePolicy, Stopped, wait_for
 from app.pipeline.sinks import Rendered, Sink, close_all
 from app.pipeline.sources import Source
 from app.pipeline.stats import StageStats, fps_over, latency_summary
 
-log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    pass
-
 STAGES = ("source", "preprocess", "inference", "overlay", "sinks")
-_POLL_S = 0.05
 _PROGRESS_INTERVAL_S = 0.1
 _HUD_WINDOW = 30
 
@@ -94,6 +115,8 @@ class PipelineError(AppError, RuntimeError):
             detail = cause
         where = f" on frame {frame_index}" if frame_index is not None else ""
         super().__init__(f"{stage} stage failed{where}: {detail}")
+        if isinstance(cause, BaseException):
+            self.__cause__ = cause
 
     @property
     def exit_code(self) -> int:  # type: ignore[override]
@@ -146,337 +169,150 @@ class PipelineResult:
                 "stopped": self.stopped, "source": self.source, "stats": self.stats}
 
 
-class _Output:
-    """End-to-end bookkeeping of frames leaving the sinks (completion times, latencies).
+# -- what flows between the stages ----------------------------------------------------------------------
 
-    Frames captured before the backend finished warming up (``ready_at``) are left out of the latency
-    figures: their wait is a one-off start-up cost, not the pipeline's latency.
+class Preprocessed(NamedTuple):
+    """Output of the preprocess stage: the frame (display picture attached) and its C×H×W float32 tensor."""
+
+    frame: Frame
+    tensor: np.ndarray
+
+
+class Segmented(NamedTuple):
+    """Output of the inference stage: the frame and its H×W uint8 label map at the frame's size."""
+
+    frame: Frame
+    labels: np.ndarray
+
+
+def _index_of(item: Frame | Preprocessed | Segmented | Rendered) -> int:
+    return item.index if isinstance(item, Frame) else item.frame.index
+
+
+# -- stage objects ----------------------------------------------------------------------------------------
+
+class Stage:
+    """The shape every stage has. ``process(items)`` maps a list of inputs to one output each (see the
+    module docstring); ``prepare(items)`` is untimed work before it; ``close()`` releases what the stage
+    holds. The threaded driver hands over up to ``batch_size`` items at once, waiting at most
+    ``batch_timeout_ms`` for more after the first. A stage object is used by one thread at a time."""
+
+    name = ""
+    batch_size = 1
+    batch_timeout_ms = 0.0
+
+    def prepare(self, items: list[Any]) -> None:
+        """Untimed work before :meth:`process` (nothing, but the model's warm-up)."""
+
+    def process(self, items: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the stage holds (nothing, but the source and the sinks)."""
+
+
+class SourceStage(Stage):
+    """``process([])`` -> ``[frame]`` or ``[END_OF_STREAM]`` (at the end, or once ``stop`` is set)."""
+
+    name = "source"
+
+    def __init__(self, source: Source, stop: threading.Event) -> None:
+        self.source = source
+        self.stop = stop
+
+    def process(self, items: list[Any]) -> list[Frame | EndOfStream]:
+        return [self.source.read(self.stop)]
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class PreprocessStage(Stage):
+    """Frames -> :class:`Preprocessed` (the preprocessor's tensor; the display picture attached)."""
+
+    name = "preprocess"
+
+    def __init__(self, preprocessor: Callable[[np.ndarray], np.ndarray], base: str) -> None:
+        self.preprocessor = preprocessor
+        self.base = base
+
+    def process(self, items: list[Frame]) -> list[Preprocessed]:
+        out = []
+        for frame in items:
+            tensor = self.preprocessor(frame.image)
+            out.append(Preprocessed(with_display(frame, self.preprocessor, tensor, self.base), tensor))
+        return out
+
+
+class InferenceStage(Stage):
+    """:class:`Preprocessed` -> :class:`Segmented`, one backend call per batch of equal shapes.
+
+    ``prepare`` warms the backend up (once per input shape); ``warm`` is set once it has, and
+    ``ready_at`` is when the last warm-up ended (``time.perf_counter`` seconds, 0 without one).
     """
 
-    def __init__(self) -> None:
-        self.frames = 0
-        self.t_first: float | None = None
-        self.t_last: float | None = None
-        self.latencies_ms: list[float] = []
+    name = "inference"
+
+    def __init__(self, worker: InferenceWorker) -> None:
+        self.worker = worker
+        self.batch_size = worker.batch_size
+        self.batch_timeout_ms = worker.batch_timeout_ms
+        self.warm = threading.Event()
         self.ready_at = 0.0
-        self.first_capture: float | None = None
 
-    def done(self, frame: Frame, t_done: float) -> None:
-        if self.t_first is None:
-            self.t_first = t_done
-            self.first_capture = frame.timestamp
-        self.t_last = t_done
-        self.frames += 1
-        if frame.timestamp >= self.ready_at:
-            self.latencies_ms.append((t_done - frame.timestamp) * 1000.0)
+    def prepare(self, items: list[Preprocessed]) -> None:
+        if self.worker.warmup(items[0].tensor.shape):
+            self.ready_at = time.perf_counter()
+        self.warm.set()
 
-    @property
-    def fps(self) -> float:
-        return fps_over(self.t_first, self.t_last, self.frames)
-
-    @property
-    def throughput_fps(self) -> float:
-        if self.first_capture is None or self.t_last is None:
-            return 0.0
-        span = self.t_last - max(self.first_capture, self.ready_at)
-        return self.frames / span if span > 0 else 0.0
+    def process(self, items: list[Preprocessed]) -> list[Segmented]:
+        labels = self.worker.predict([item.tensor for item in items],
+                                     [item.frame.image.shape[:2] for item in items])
+        return [Segmented(item.frame, label_map) for item, label_map in zip(items, labels, strict=True)]
 
 
-class _RecentRate:
-    """Frames per second over the last few completions (for the HUD)."""
+class OverlayStage(Stage):
+    """:class:`Segmented` -> :class:`~app.pipeline.sinks.Rendered` (BGR overlay with the HUD: recent fps,
+    capture-to-overlay latency, ``frames_dropped()`` so far)."""
 
-    def __init__(self) -> None:
-        self._times: deque[float] = deque(maxlen=_HUD_WINDOW)
+    name = "overlay"
 
-    def tick(self, t: float) -> float:
-        self._times.append(t)
-        return fps_over(self._times[0], self._times[-1], len(self._times))
-
-
-def _source_dict(source: Source) -> dict[str, Any]:
-    info = source.info
-    return {"uri": info.uri, "kind": info.kind, "live": info.live, **source.counters()}
-
-
-def _result(mode: str, source: Source, output: _Output, stats: dict[str, StageStats], wall_s: float,
-            stopped: str) -> PipelineResult:
-    dropped = sum(s.frames_dropped for s in stats.values()) + source.frames_dropped
-    summaries = {name: s.summary() for name, s in stats.items()}
-    summaries["source"]["dropped"] += source.frames_dropped
-    return PipelineResult(mode=mode, frames=output.frames, fps=output.fps, wall_s=wall_s,
-                          latency=latency_summary(output.latencies_ms), frames_dropped=dropped,
-                          frames_skipped=source.frames_skipped, reconnects=source.reconnects,
-                          stopped=stopped, stats=summaries, source=_source_dict(source),
-                          throughput_fps=output.throughput_fps)
-
-
-class Pipeline:
-    """Threaded pipeline over ready-made stages; :meth:`run` once. See the module docstring."""
-
-    def __init__(self, source: Source, preprocessor: Callable[[np.ndarray], np.ndarray],
-                 inference: InferenceWorker, renderer: OverlayRenderer, sinks: Sequence[Sink],
-                 settings: PipelineConfig | None = None, *, display: Display | None = None,
-                 progress: Progress | None = None) -> None:
-        self.source = source
-        self.preprocessor = preprocessor
-        self.inference = inference
+    def __init__(self, renderer: OverlayRenderer, frames_dropped: Callable[[], int]) -> None:
         self.renderer = renderer
-        self.sinks = list(sinks)
-        self.settings = settings or PipelineConfig()
-        backend = inference.backend
-        self._affinity = (affinity_plan(str(getattr(backend, "device", "")), getattr(backend, "threads", 0) or 0)
-                          if self.settings.pin_threads else None)
-        self.display = display
-        self.progress = progress
-        size = max(1, self.settings.queue_size)
-        self._queues: dict[str, queue.Queue[Any]] = {name: queue.Queue(maxsize=size) for name in STAGES[1:]}
-        if source.live:
-            # Each frame waiting in front of the model adds a frame interval of latency: keep one batch.
-            self._queues["inference"] = queue.Queue(maxsize=min(size, max(1, self.settings.batch_size)))
-        self._display_queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=1)
-        self.stats = {name: StageStats(name) for name in STAGES}
-        self._output = _Output()
-        self._stop = threading.Event()
-        self._finished = threading.Event()
-        self._warm = threading.Event()
-        self._lock = threading.Lock()
-        self._failure: PipelineError | None = None
-        self._current: dict[str, int | None] = dict.fromkeys(STAGES)
-        self._end_reason = "end of stream"
-        self._ran = False
+        self.frames_dropped = frames_dropped
+        self._recent: deque[float] = deque(maxlen=_HUD_WINDOW)
 
-    # -- queue helpers -------------------------------------------------------------------------------
-    def _put(self, target: queue.Queue[Any], item: Any) -> None:
-        while True:
-            if self._stop.is_set():
-                raise Stopped
-            try:
-                target.put(item, timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
-
-    def _put_newest(self, target: queue.Queue[Any], item: Any, stats: StageStats | None) -> None:
-        """Live policy: never wait; discard the oldest queued item to make room (counted in ``stats``)."""
-        while True:
-            try:
-                target.put_nowait(item)
-                return
-            except queue.Full:
-                try:
-                    target.get_nowait()
-                    if stats is not None:
-                        stats.frames_dropped += 1
-                except queue.Empty:
-                    pass
-
-    def _get(self, name: str) -> Any:
-        source = self._queues[name]
-        self.stats[name].sample_queue(source.qsize())
-        return queue_get(source, self._stop)
-
-    def frames_dropped(self) -> int:
-        """Frames dropped so far (queue drops plus drops inside the source); safe to call any time."""
-        return sum(stats.frames_dropped for stats in self.stats.values()) + self.source.frames_dropped
-
-    def _wait_until_warm(self) -> None:
-        while not self._warm.wait(_POLL_S):
-            if self._stop.is_set():
-                raise Stopped
-
-    # -- stages ---------------------------------------------------------------------------------------
-    def _run_stage(self, name: str, body: Callable[[], None]) -> None:
-        if self._affinity is not None:
-            try:  # Linux: pid 0 is the calling thread; its own CPU set, not the process's
-                os.sched_setaffinity(0, self._affinity["inference" if name == "inference" else "others"])
-            except OSError:
-                pass
-        try:
-            body()
-        except Stopped:
-            pass
-        except BaseException as exc:
-            self._fail(PipelineError(name, self._current[name], exc), exc)
-
-    def _fail(self, error: PipelineError, cause: BaseException | None = None) -> None:
-        with self._lock:
-            if self._failure is None:
-                error.__cause__ = cause
-                self._failure = error
-        self._stop.set()
-
-    def _source_stage(self) -> None:
-        stats = self.stats["source"]
-        target = self._queues["preprocess"]
-        live = self.source.live
-        limit = self.settings.max_frames
-        count = 0
-        while True:
-            if limit and count >= limit:
-                self._end_reason = "max_frames"
-                break
-            self._current["source"] = None  # the next index is unknown until the read succeeds
+    def process(self, items: list[Segmented]) -> list[Rendered]:
+        out = []
+        for frame, labels in items:
             start = time.perf_counter()
-            item = self.source.read(self._stop)
-            if isinstance(item, EndOfStream):
-                if self._stop.is_set():
-                    raise Stopped
-                break
-            self._current["source"] = item.index
-            stats.record(time.perf_counter() - start)
-            count += 1
-            if live:
-                self._put_newest(target, item, stats)
-            else:
-                self._put(target, item)
-            if count == 1:
-                self._wait_until_warm()
-        self._put(target, END_OF_STREAM)
-
-    def _preprocess_stage(self) -> None:
-        stats = self.stats["preprocess"]
-        target = self._queues["inference"]
-        live = self.source.live
-        while True:
-            frame = self._get("preprocess")
-            if isinstance(frame, EndOfStream):
-                break
-            self._current["preprocess"] = frame.index
-            start = time.perf_counter()
-            tensor = self.preprocessor(frame.image)
-            frame = with_display(frame, self.preprocessor, tensor, self.renderer.base)
-            stats.record(time.perf_counter() - start)
-            if live:
-                self._put_newest(target, (frame, tensor), stats)
-            else:
-                self._put(target, (frame, tensor))
-        self._put(target, END_OF_STREAM)
-
-    def _inference_stage(self) -> None:
-        stats = self.stats["inference"]
-        source = self._queues["inference"]
-        target = self._queues["overlay"]
-        worker = self.inference
-        while True:
-            stats.sample_queue(source.qsize())
-            items, ended = collect_batch(source, self._stop, worker.batch_size, worker.batch_timeout_ms,
-                                         lambda item: isinstance(item, EndOfStream))
-            if items:
-                self._current["inference"] = items[0][0].index
-                if worker.warmup(items[0][1].shape):
-                    self._output.ready_at = time.perf_counter()
-                self._warm.set()
-                start = time.perf_counter()
-                labels = worker.predict([tensor for _, tensor in items],
-                                        [frame.image.shape[:2] for frame, _ in items])
-                stats.record(time.perf_counter() - start, frames=len(items))
-                for (frame, _), label_map in zip(items, labels, strict=True):
-                    self._put(target, (frame, label_map))
-            if ended:
-                break
-        self._put(target, END_OF_STREAM)
-
-    def _overlay_stage(self) -> None:
-        stats = self.stats["overlay"]
-        target = self._queues["sinks"]
-        rate = _RecentRate()
-        while True:
-            item = self._get("overlay")
-            if isinstance(item, EndOfStream):
-                break
-            frame, labels = item
-            self._current["overlay"] = frame.index
-            start = time.perf_counter()
-            hud = HudInfo(rate.tick(start), (start - frame.timestamp) * 1000.0, self.frames_dropped())
+            self._recent.append(start)
+            hud = HudInfo(fps_over(self._recent[0], self._recent[-1], len(self._recent)),
+                          (start - frame.timestamp) * 1000.0, self.frames_dropped())
             picture = self.renderer.render(picture_of(frame, self.renderer.base), labels, hud)
-            done = time.perf_counter()
-            stats.record(done - start, t_done=done)
-            self._put(target, Rendered(frame, labels, picture, (done - frame.timestamp) * 1000.0))
-        self._put(target, END_OF_STREAM)
+            out.append(Rendered(frame, labels, picture, (time.perf_counter() - frame.timestamp) * 1000.0))
+        return out
 
-    def _sink_stage(self) -> None:
-        stats = self.stats["sinks"]
-        try:
-            while True:
-                item = self._get("sinks")
-                if isinstance(item, EndOfStream):
-                    break
-                self._current["sinks"] = item.frame.index
-                start = time.perf_counter()
-                for sink in self.sinks:
-                    sink.write(item)
-                done = time.perf_counter()
-                stats.record(done - start, t_done=done)
-                self._output.done(item.frame, done)
-                if self.display is not None:
-                    self._put_newest(self._display_queue, item.overlay, None)
-        finally:
-            failure = close_all(self.sinks)
-            if failure is not None:
-                self._fail(PipelineError("sinks", None, failure), failure)
-            self._finished.set()
 
-    # -- main thread ----------------------------------------------------------------------------------
-    def run(self) -> PipelineResult:
-        """Run to the end of the stream (or max_frames, quit, Ctrl-C); raises :class:`PipelineError`."""
-        if self._ran:
-            raise RuntimeError("a Pipeline runs once; build a new one")
-        self._ran = True
-        bodies = {"source": self._source_stage, "preprocess": self._preprocess_stage,
-                  "inference": self._inference_stage, "overlay": self._overlay_stage,
-                  "sinks": self._sink_stage}
-        threads = [threading.Thread(target=self._run_stage, args=(name, body), name=f"stage {name}",
-                                    daemon=True) for name, body in bodies.items()]
-        started = time.perf_counter()
-        stopped: str | None = None
-        try:
-            for thread in threads:
-                thread.start()
-            stopped = self._supervise(threads)
-        except KeyboardInterrupt:
-            stopped = "interrupted"
-        finally:
-            self._stop.set()
-            self._join(threads)
-            self.source.close()
-        if self._failure is not None:
-            raise self._failure
-        return _result("threaded", self.source, self._output, self.stats, time.perf_counter() - started,
-                       stopped or self._end_reason)
+class SinksStage(Stage):
+    """Writes each :class:`~app.pipeline.sinks.Rendered` to every sink and passes it on; ``close``
+    finalises all of them and raises the first failure."""
 
-    def _supervise(self, threads: list[threading.Thread]) -> str | None:
-        last_progress = 0.0
-        expected = self.source.info.frame_count
-        if expected and self.settings.max_frames:
-            expected = min(expected, self.settings.max_frames)
-        while not self._finished.is_set() and self._failure is None:
-            if self.display is not None:
-                try:
-                    picture = self._display_queue.get(timeout=_POLL_S)
-                except queue.Empty:
-                    picture = None
-                if picture is not None and not self.display.show(picture):
-                    return "user"
-            else:
-                self._finished.wait(_POLL_S)
-            if not any(thread.is_alive() for thread in threads):
-                break
-            now = time.perf_counter()
-            if self.progress is not None and now - last_progress >= _PROGRESS_INTERVAL_S:
-                last_progress = now
-                self.progress(self._output.frames, expected, self._output.fps)
-        if self.progress is not None:
-            self.progress(self._output.frames, expected, self._output.fps)
-        return None
+    name = "sinks"
 
-    def _join(self, threads: list[threading.Thread]) -> None:
-        deadline = time.perf_counter() + self.settings.join_timeout_s
-        for thread in threads:
-            thread.join(timeout=max(0.0, deadline - time.perf_counter()))
-        stuck = [thread.name.removeprefix("stage ") for thread in threads if thread.is_alive()]
-        if stuck:
-            self._fail(PipelineError(stuck[0], self._current[stuck[0]],
-                                     f"did not stop within {self.settings.join_timeout_s:g} s"))
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self.sinks = list(sinks)
+
+    def process(self, items: list[Rendered]) -> list[Rendered]:
+        for item in items:
+            for sink in self.sinks:
+                sink.write(item)
+        return items
+
+    def close(self) -> None:
+        failure = close_all(self.sinks)
+        if failure is not None:
+            raise failure
 
 
 def with_display(frame: Frame, preprocessor: Any, tensor: np.ndarray, base: str) -> Frame:
@@ -489,82 +325,342 @@ def with_display(frame: Frame, preprocessor: Any, tensor: np.ndarray, base: str)
     return frame if display is None else dataclasses.replace(frame, display=display)
 
 
+def make_edges(live: bool, settings: PipelineConfig) -> dict[str, Edge]:
+    """The queue after each stage but the last, keyed by the stage that feeds it: the one place the
+    live/file policy is decided (see the module docstring)."""
+    size = max(1, settings.queue_size)
+    if not live:
+        return {name: Edge(size, EdgePolicy.BLOCK) for name in STAGES[:-1]}
+    # Each frame waiting in front of the model adds a frame interval of latency: keep one batch.
+    return {"source": Edge(size, EdgePolicy.DROP_OLDEST),
+            "preprocess": Edge(min(size, max(1, settings.batch_size)), EdgePolicy.DROP_OLDEST),
+            "inference": Edge(size, EdgePolicy.BLOCK),
+            "overlay": Edge(size, EdgePolicy.BLOCK)}
+
+
+# -- bookkeeping ------------------------------------------------------------------------------------------
+
+class _Output:
+    """End-to-end bookkeeping of frames leaving the sinks (completion times, latencies).
+
+    Frames captured before the backend finished warming up (``ready_at()``) are left out of the latency
+    figures: their wait is a one-off start-up cost, not the pipeline's latency.
+    """
+
+    def __init__(self, ready_at: Callable[[], float]) -> None:
+        self.frames = 0
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        self.latencies_ms: list[float] = []
+        self.ready_at = ready_at
+        self.first_capture: float | None = None
+
+    def done(self, frame: Frame, t_done: float) -> None:
+        if self.t_first is None:
+            self.t_first = t_done
+            self.first_capture = frame.timestamp
+        self.t_last = t_done
+        self.frames += 1
+        if frame.timestamp >= self.ready_at():
+            self.latencies_ms.append((t_done - frame.timestamp) * 1000.0)
+
+    @property
+    def fps(self) -> float:
+        return fps_over(self.t_first, self.t_last, self.frames)
+
+    @property
+    def throughput_fps(self) -> float:
+        if self.first_capture is None or self.t_last is None:
+            return 0.0
+        span = self.t_last - max(self.first_capture, self.ready_at())
+        return self.frames / span if span > 0 else 0.0
+
+
+class Pipeline:
+    """One run over ready-made parts: the five stage objects (``stages``), the edges between them
+    (``edges``, used by the threaded driver) and the statistics. Run once, with :meth:`run` (threads) or
+    :meth:`run_sequential` (one frame at a time); see the module docstring."""
+
+    def __init__(self, source: Source, preprocessor: Callable[[np.ndarray], np.ndarray],
+                 inference: InferenceWorker, renderer: OverlayRenderer, sinks: Sequence[Sink],
+                 settings: PipelineConfig | None = None, *, display: Display | None = None,
+                 progress: Progress | None = None) -> None:
+        self.source = source
+        self.settings = settings or PipelineConfig()
+        self.display = display
+        self.progress = progress
+        self._stop = threading.Event()
+        self._inference = InferenceStage(inference)
+        self.stages: tuple[Stage, ...] = (SourceStage(source, self._stop),
+                                          PreprocessStage(preprocessor, renderer.base), self._inference,
+                                          OverlayStage(renderer, self.frames_dropped), SinksStage(sinks))
+        self.edges = make_edges(source.live, self.settings)
+        self.stats = {stage.name: StageStats(stage.name) for stage in self.stages}
+        self._output = _Output(lambda: self._inference.ready_at)
+        self._current: dict[str, int | None] = dict.fromkeys(STAGES)
+        self._ran = False
+
+    def frames_dropped(self) -> int:
+        """Frames dropped so far (edge drops plus drops inside the source); safe to call any time."""
+        return sum(edge.dropped for edge in self.edges.values()) + self.source.frames_dropped
+
+    def run(self) -> PipelineResult:
+        """Run threaded to the end of the stream (or max_frames, quit, Ctrl-C); raises :class:`PipelineError`."""
+        self._claim()
+        return _Threads(self).run()
+
+    def run_sequential(self) -> PipelineResult:
+        """Run the same stages one frame at a time in this thread; same outputs and result structure."""
+        self._claim()
+        started = time.perf_counter()
+        failure: PipelineError | None = None
+        stopped = "end of stream"
+        try:
+            stopped = self._frame_by_frame()
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        except PipelineError as error:
+            failure = error
+        finally:
+            closing = self._close()
+        failure = failure or closing
+        if failure is not None:
+            raise failure
+        self._report_progress()
+        return self._result("sequential", time.perf_counter() - started, stopped)
+
+    # -- shared by both drivers -----------------------------------------------------------------------------
+    def _claim(self) -> None:
+        if self._ran:
+            raise RuntimeError("a Pipeline runs once; build a new one")
+        self._ran = True
+
+    def _step(self, stage: Stage, items: list[Any]) -> list[Any]:
+        """``stage.prepare`` (untimed), then ``stage.process`` timed into its statistics; the outputs of
+        the last stage are booked end to end. A failure becomes a :class:`PipelineError` naming the
+        stage and the (first) frame."""
+        self._current[stage.name] = _index_of(items[0]) if items else None
+        try:
+            stage.prepare(items)
+            start = time.perf_counter()
+            out = stage.process(items)
+        except Exception as exc:
+            raise PipelineError(stage.name, self._current[stage.name], exc) from exc
+        done = time.perf_counter()
+        if isinstance(out[0], EndOfStream):
+            return out
+        self._current[stage.name] = _index_of(out[0])
+        self.stats[stage.name].record(done - start, frames=len(out), t_done=done)
+        if stage is self.stages[-1]:
+            for item in out:
+                self._output.done(item.frame, done)
+        return out
+
+    def _source_done(self) -> bool:
+        limit = self.settings.max_frames
+        return bool(limit) and self.stats["source"].frames >= limit
+
+    def _close(self, stages: Sequence[Stage] | None = None) -> PipelineError | None:
+        """Close ``stages`` (default: all), the sinks first; returns the first failure."""
+        failure: PipelineError | None = None
+        for stage in reversed(self.stages if stages is None else stages):
+            try:
+                stage.close()
+            except Exception as exc:
+                failure = failure or PipelineError(stage.name, None, exc)
+        return failure
+
+    def _report_progress(self) -> None:
+        if self.progress is not None:
+            expected = self.source.info.frame_count
+            if expected and self.settings.max_frames:
+                expected = min(expected, self.settings.max_frames)
+            self.progress(self._output.frames, expected, self._output.fps)
+
+    def _result(self, mode: str, wall_s: float, stopped: str) -> PipelineResult:
+        summaries = {name: stats.summary() for name, stats in self.stats.items()}
+        for name, edge in self.edges.items():
+            summaries[name]["dropped"] += edge.dropped
+        summaries["source"]["dropped"] += self.source.frames_dropped
+        info = self.source.info
+        output = self._output
+        return PipelineResult(mode=mode, frames=output.frames, fps=output.fps, wall_s=wall_s,
+                              latency=latency_summary(output.latencies_ms),
+                              frames_dropped=self.frames_dropped(), frames_skipped=self.source.frames_skipped,
+                              reconnects=self.source.reconnects, stopped=stopped, stats=summaries,
+                              source={"uri": info.uri, "kind": info.kind, "live": info.live,
+                                      **self.source.counters()},
+                              throughput_fps=output.throughput_fps)
+
+    # -- the sequential driver --------------------------------------------------------------------------------
+    def _frame_by_frame(self) -> str:
+        """Each frame through all stages before the next is read; returns why it stopped."""
+        last_progress = time.perf_counter()
+        while not self._source_done():
+            items = self._step(self.stages[0], [])
+            if isinstance(items[0], EndOfStream):
+                return "end of stream"
+            for stage in self.stages[1:]:
+                items = self._step(stage, items)
+            if self.display is not None and not self.display.show(items[0].overlay):
+                return "user"
+            now = time.perf_counter()
+            if now - last_progress >= _PROGRESS_INTERVAL_S:
+                last_progress = now
+                self._report_progress()
+        return "max_frames"
+
+
+class _Threads:
+    """The threaded driver of a :class:`Pipeline`: one thread per stage between its edges, each closing
+    its stage when it ends; the calling thread shows the display, reports progress and joins them."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.stop = pipeline._stop
+        backend = pipeline._inference.worker.backend
+        self.affinity = (affinity_plan(str(getattr(backend, "device", "")), getattr(backend, "threads", 0) or 0)
+                         if pipeline.settings.pin_threads else None)
+        self.pictures = Edge(1, EdgePolicy.DROP_OLDEST)  # the newest overlay, for the display
+        self.finished = threading.Event()
+        self.lock = threading.Lock()
+        self.failure: PipelineError | None = None
+        self.end_reason = "end of stream"
+
+    def run(self) -> PipelineResult:
+        pipeline = self.pipeline
+        stages, edges = pipeline.stages, pipeline.edges
+        threads = [threading.Thread(target=self._thread,
+                                    args=(stage, edges.get(stages[position - 1].name) if position else None,
+                                          edges.get(stage.name)),
+                                    name=f"stage {stage.name}", daemon=True)
+                   for position, stage in enumerate(stages)]
+        started = time.perf_counter()
+        stopped: str | None = None
+        try:
+            for thread in threads:
+                thread.start()
+            stopped = self._supervise(threads)
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        finally:
+            self.stop.set()
+            self._join(threads)
+            # Each thread closes its own stage as it ends; close those whose thread never started.
+            closing = pipeline._close([stage for stage, thread in zip(stages, threads, strict=True)
+                                       if thread.ident is None])
+            if closing is not None:
+                self._fail(closing)
+        if self.failure is not None:
+            raise self.failure
+        return pipeline._result("threaded", time.perf_counter() - started, stopped or self.end_reason)
+
+    def _thread(self, stage: Stage, inbox: Edge | None, outbox: Edge | None) -> None:
+        if self.affinity is not None:
+            try:  # Linux: pid 0 is the calling thread; its own CPU set, not the process's
+                os.sched_setaffinity(0, self.affinity["inference" if stage.name == "inference" else "others"])
+            except OSError:
+                pass
+        try:
+            if inbox is None:
+                self._produce(stage, outbox)
+            else:
+                self._consume(stage, inbox, outbox)
+        except Stopped:
+            pass
+        except PipelineError as error:
+            self._fail(error)
+        except BaseException as exc:
+            self._fail(PipelineError(stage.name, self.pipeline._current[stage.name], exc))
+        finally:
+            closing = self.pipeline._close([stage])  # in this thread: sinks finalise even if another hangs
+            if closing is not None:
+                self._fail(closing)
+            if outbox is None:
+                self.finished.set()
+
+    def _produce(self, stage: Stage, outbox: Edge | None) -> None:
+        """The source's loop: a frame at a time until the end, ``max_frames`` or stop."""
+        assert outbox is not None
+        while True:
+            if self.pipeline._source_done():
+                self.end_reason = "max_frames"
+                break
+            (item,) = self.pipeline._step(stage, [])
+            if isinstance(item, EndOfStream):
+                if self.stop.is_set():
+                    raise Stopped
+                break
+            outbox.put(item, self.stop)
+            if self.pipeline.stats[stage.name].frames == 1:
+                wait_for(self.pipeline._inference.warm, self.stop)
+        outbox.finish(self.stop)
+
+    def _consume(self, stage: Stage, inbox: Edge, outbox: Edge | None) -> None:
+        """Every other stage's loop: batches from ``inbox`` to ``outbox`` (the display after the last)."""
+        stats = self.pipeline.stats[stage.name]
+        show = self.pipeline.display is not None
+        while True:
+            stats.sample_queue(inbox.depth)
+            items, ended = inbox.get_batch(self.stop, stage.batch_size, stage.batch_timeout_ms)
+            if items:
+                for item in self.pipeline._step(stage, items):
+                    if outbox is not None:
+                        outbox.put(item, self.stop)
+                    elif show:
+                        self.pictures.put(item.overlay, self.stop)
+            if ended:
+                break
+        if outbox is not None:
+            outbox.finish(self.stop)
+
+    def _fail(self, error: PipelineError) -> None:
+        with self.lock:
+            if self.failure is None:
+                self.failure = error
+        self.stop.set()
+
+    def _supervise(self, threads: list[threading.Thread]) -> str | None:
+        pipeline = self.pipeline
+        last_progress = 0.0
+        while not self.finished.is_set() and self.failure is None:
+            if pipeline.display is not None:
+                try:
+                    picture = self.pictures.get(self.stop, timeout_s=POLL_S)
+                except (queue.Empty, Stopped):  # nothing new; or stopped, which a failure ends below
+                    picture = None
+                if picture is not None and not pipeline.display.show(picture):
+                    return "user"
+            else:
+                self.finished.wait(POLL_S)
+            if not any(thread.is_alive() for thread in threads):
+                break
+            now = time.perf_counter()
+            if now - last_progress >= _PROGRESS_INTERVAL_S:
+                last_progress = now
+                pipeline._report_progress()
+        pipeline._report_progress()
+        return None
+
+    def _join(self, threads: list[threading.Thread]) -> None:
+        timeout = self.pipeline.settings.join_timeout_s
+        deadline = time.perf_counter() + timeout
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.perf_counter()))
+        stuck = [thread.name.removeprefix("stage ") for thread in threads if thread.is_alive()]
+        if stuck:
+            self._fail(PipelineError(stuck[0], self.pipeline._current[stuck[0]], f"did not stop within {timeout:g} s"))
+
+
 def run_sequential(source: Source, preprocessor: Callable[[np.ndarray], np.ndarray],
                    inference: InferenceWorker, renderer: OverlayRenderer, sinks: Sequence[Sink],
                    settings: PipelineConfig | None = None, *, display: Display | None = None,
                    progress: Progress | None = None) -> PipelineResult:
     """The naive loop: read -> preprocess -> infer -> overlay -> write, one frame at a time, one thread.
 
-    Same outputs and the same result structure as :meth:`Pipeline.run` (queue columns are zero, batch
-    size is 1); a failure raises :class:`PipelineError` naming the stage, Ctrl-C returns
-    ``stopped="interrupted"``; sinks and source are closed in any case.
+    Same stage objects, outputs and result structure as :meth:`Pipeline.run` (queue columns are zero,
+    batch size is 1); a failure raises :class:`PipelineError` naming the stage, Ctrl-C returns
+    ``stopped="interrupted"``; all stages (sinks, source) are closed in any case.
     """
-    settings = settings or PipelineConfig()
-    stats = {name: StageStats(name) for name in STAGES}
-    output = _Output()
-    rate = _RecentRate()
-    expected = source.info.frame_count
-    if expected and settings.max_frames:
-        expected = min(expected, settings.max_frames)
-    stage, index = "source", None
-    stopped = "end of stream"
-    failure: PipelineError | None = None
-    started = last_progress = time.perf_counter()
-    try:
-        while True:
-            if settings.max_frames and stats["source"].frames >= settings.max_frames:
-                stopped = "max_frames"
-                break
-            stage, index = "source", None
-            start = time.perf_counter()
-            frame = source.read()
-            if isinstance(frame, EndOfStream):
-                break
-            index = frame.index
-            stats["source"].record(time.perf_counter() - start)
-            stage = "preprocess"
-            start = time.perf_counter()
-            tensor = preprocessor(frame.image)
-            frame = with_display(frame, preprocessor, tensor, renderer.base)
-            stats["preprocess"].record(time.perf_counter() - start)
-            stage = "inference"
-            if inference.warmup(tensor.shape):
-                output.ready_at = time.perf_counter()
-            start = time.perf_counter()
-            labels = inference.predict([tensor], [frame.image.shape[:2]])[0]
-            stats["inference"].record(time.perf_counter() - start)
-            stage = "overlay"
-            start = time.perf_counter()
-            hud = HudInfo(rate.tick(start), (start - frame.timestamp) * 1000.0, source.frames_dropped)
-            picture = renderer.render(picture_of(frame, renderer.base), labels, hud)
-            done = time.perf_counter()
-            stats["overlay"].record(done - start, t_done=done)
-            stage = "sinks"
-            item = Rendered(frame, labels, picture, (done - frame.timestamp) * 1000.0)
-            start = time.perf_counter()
-            for sink in sinks:
-                sink.write(item)
-            done = time.perf_counter()
-            stats["sinks"].record(done - start, t_done=done)
-            output.done(frame, done)
-            if display is not None and not display.show(picture):
-                stopped = "user"
-                break
-            if progress is not None and done - last_progress >= _PROGRESS_INTERVAL_S:
-                last_progress = done
-                progress(output.frames, expected, output.fps)
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-    except Exception as exc:
-        failure = PipelineError(stage, index, exc)
-        failure.__cause__ = exc
-    finally:
-        closing = close_all(sinks)
-        source.close()
-    if failure is None and closing is not None:
-        failure = PipelineError("sinks", None, closing)
-    if failure is not None:
-        raise failure
-    if progress is not None:
-        progress(output.frames, expected, output.fps)
-    return _result("sequential", source, output, stats, time.perf_counter() - started, stopped)
+    return Pipeline(source, preprocessor, inference, renderer, sinks, settings, display=display,
+                    progress=progress).run_sequential()

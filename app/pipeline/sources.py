@@ -34,10 +34,11 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -45,6 +46,7 @@ import numpy as np
 
 from app.errors import AppError
 from app.pipeline.frames import END_OF_STREAM, EndOfStream, Frame, SourceInfo
+from app.pipeline.queues import POLL_S, put_dropping_oldest
 
 if TYPE_CHECKING:
     from app.config import Config, SourceConfig, SynthConfig
@@ -53,7 +55,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
-_POLL_S = 0.05
 
 
 class SourceError(AppError, RuntimeError):
@@ -221,16 +222,7 @@ class _CaptureSource(Source):
                 capture.release()
 
     def _push(self, frame: Frame) -> None:
-        while True:
-            try:
-                self._buffer.put_nowait(frame)
-                return
-            except queue.Full:
-                try:
-                    self._buffer.get_nowait()
-                    self.frames_dropped += 1
-                except queue.Empty:
-                    pass
+        self.frames_dropped += put_dropping_oldest(self._buffer, frame)
 
     def read(self, stop: threading.Event | None = None) -> Frame | EndOfStream:
         stall_limit = self._settings.open_timeout_s + self._settings.read_timeout_s + 1.0
@@ -242,7 +234,7 @@ class _CaptureSource(Source):
             if (stop is not None and stop.is_set()) or self._closed:
                 return END_OF_STREAM
             try:
-                return self._buffer.get(timeout=_POLL_S)
+                return self._buffer.get(timeout=POLL_S)
             except queue.Empty:
                 pass
             if self._error is not None:
@@ -396,7 +388,7 @@ class ImageSequenceSource(Source):
                 if stop is not None and stop.is_set():
                     return END_OF_STREAM
                 try:
-                    image = future.result(timeout=_POLL_S)
+                    image = future.result(timeout=POLL_S)
                     break
                 except FutureTimeout:
                     continue
@@ -485,25 +477,17 @@ def _image_paths(pattern: str) -> list[Path]:
                    and Path(p).is_file()), key=natural_key)
 
 
-def open_source(uri: str, config: Config, *, realtime: bool = True) -> Source:
-    """Open the source named by ``uri`` with ``config.source`` (and ``config.synth``) settings.
-
-    ``realtime=False`` (replay) runs the synthetic source unpaced with file semantics and refuses
-    cameras and streams. Raises :class:`SourceError` for an unknown scheme, a missing path, a folder or
-    glob without images, or a device that does not open.
-    """
-    settings = config.source
+def source_kind(uri: str) -> tuple[str, str]:
+    """``(kind, target)`` for a source URI: kind is a :data:`SOURCES` name, target what it opens (camera
+    index, URL, path or glob). Raises :class:`SourceError` for an unknown scheme or a missing path."""
     text = uri.strip()
     if text == "synthetic":
-        return SyntheticSource(config.synth, settings.fps, loop=settings.loop, paced=realtime)
-    camera = _CAMERA.match(text)
+        return "synthetic", text
+    if _CAMERA.match(text):
+        return "camera", text
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-    if camera or scheme in STREAM_SCHEMES:
-        if not realtime:
-            raise SourceError(f"'{uri}' is a live source; replay needs a recorded video, image folder or glob")
-        if camera:
-            return CameraSource(int(camera.group(1)), settings, uri=text)
-        return StreamSource(text, settings)
+    if scheme in STREAM_SCHEMES:
+        return "stream", text
     if scheme == "file":
         text = text[len("file://"):]
     elif scheme:
@@ -511,21 +495,72 @@ def open_source(uri: str, config: Config, *, realtime: bool = True) -> Source:
                           f"/dev/video0), a file, a folder, a glob, synthetic or one of "
                           f"{', '.join(s + '://' for s in STREAM_SCHEMES)}")
     path = Path(text).expanduser()
-    loader: dict[str, Any] = {"prefetch_threads": settings.prefetch_threads,
-                              "prefetch_depth": settings.prefetch_depth, "strict": settings.strict,
-                              "loop": settings.loop}
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES):
+        return "images", text
+    if path.is_file():
+        return "video", text
+    if any(ch in text for ch in "*?["):
+        return "images", text
+    raise SourceError(f"no such file or folder: {uri}")
+
+
+def _loader(settings: SourceConfig) -> dict[str, Any]:
+    return {"prefetch_threads": settings.prefetch_threads, "prefetch_depth": settings.prefetch_depth,
+            "strict": settings.strict, "loop": settings.loop}
+
+
+def _open_synthetic(target: str, config: Config, realtime: bool) -> Source:
+    return SyntheticSource(config.synth, config.source.fps, loop=config.source.loop, paced=realtime)
+
+
+def _open_camera(target: str, config: Config, realtime: bool) -> Source:
+    return CameraSource(int(_CAMERA.match(target).group(1)), config.source, uri=target)
+
+
+def _open_stream(target: str, config: Config, realtime: bool) -> Source:
+    return StreamSource(target, config.source)
+
+
+def _open_images(target: str, config: Config, realtime: bool) -> Source:
+    path = Path(target).expanduser()
     if path.is_dir():
         # A dataset or app.synth folder (images/, masks/, background.png): its frames are in images/.
         frames_dir = path / "images" if (path / "images").is_dir() else path
         paths = _image_paths(glob.escape(str(frames_dir)) + "/*")
-        return ImageSequenceSource(paths, text, **loader)
-    if path.is_file():
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            return ImageSequenceSource([path], text, **loader)
-        return VideoFileSource(path, loop=settings.loop)
-    if any(ch in text for ch in "*?["):
+    elif path.is_file():
+        paths = [path]
+    else:
         paths = _image_paths(str(path))
         if not paths:
-            raise SourceError(f"no images match '{uri}'")
-        return ImageSequenceSource(paths, text, **loader)
-    raise SourceError(f"no such file or folder: {uri}")
+            raise SourceError(f"no images match '{target}'")
+    return ImageSequenceSource(paths, target, **_loader(config.source))
+
+
+def _open_video(target: str, config: Config, realtime: bool) -> Source:
+    return VideoFileSource(Path(target).expanduser(), loop=config.source.loop)
+
+
+SourceOpener = Callable[[str, "Config", bool], Source]
+SOURCES: Mapping[str, SourceOpener] = MappingProxyType({
+    "synthetic": _open_synthetic,
+    "camera": _open_camera,
+    "stream": _open_stream,
+    "images": _open_images,
+    "video": _open_video,
+})
+"""Source kind -> ``open(target, config, realtime)``. A new source is one module (or class here) plus
+one line here and its case in :func:`source_kind`."""
+LIVE_KINDS = ("camera", "stream")
+
+
+def open_source(uri: str, config: Config, *, realtime: bool = True) -> Source:
+    """Open the source named by ``uri`` with ``config.source`` (and ``config.synth``) settings.
+
+    ``realtime=False`` (replay) runs the synthetic source unpaced with file semantics and refuses
+    cameras and streams. Raises :class:`SourceError` for an unknown scheme, a missing path, a folder or
+    glob without images, or a device that does not open.
+    """
+    kind, target = source_kind(uri)
+    if kind in LIVE_KINDS and not realtime:
+        raise SourceError(f"'{uri}' is a live source; replay needs a recorded video, image folder or glob")
+    return SOURCES[kind](target, config, realtime)

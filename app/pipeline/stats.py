@@ -16,13 +16,14 @@ API:
 from __future__ import annotations
 
 import json
-import os
 import time
 from array import array
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from app.files import write_text
 
 
 def fps_over(t_first: float | None, t_last: float | None, frames: int) -> float:
@@ -111,8 +112,4 @@ def format_table(result: dict[str, Any]) -> str:
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON to ``path`` via a temporary name in the same folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
+    write_text(path, json.dumps(data, indent=2) + "\n")

@@ -25,6 +25,7 @@ import numpy as np
 
 from app.config import Config
 from app.errors import AppError
+from app.files import atomic_open
 from app.pipeline.inference import Backend, resize_labels
 from app.pipeline.preprocess import Preprocessor, PreprocessSettings
 from app.training.datasets import FolderFrames, find_samples
@@ -179,8 +180,7 @@ def format_scores(result: EvaluationResult, class_names: list[str] | tuple[str, 
 
 def write_per_image(path: Path, rows: list[dict[str, Any]]) -> None:
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_open(path, newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(json_safe(rows))

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from app.config import Config, ConfigError, replace
+from app.config import RECIPE_KEYS, Config, ConfigError, replace
 from app.errors import AppError
+from app.files import atomic_open
 from app.pipeline.hologram import NUM_CHANNELS
 from app.pipeline.preprocess import PreprocessSettings, recipe
 from app.training.datasets import (
@@ -120,13 +121,10 @@ def preprocess_settings(cfg: Config) -> PreprocessSettings:
         raise TrainError(f"train.hologram={train.hologram} feeds the model {NUM_CHANNELS} field channels; "
                          f"set train.in_channels={NUM_CHANNELS}")
     normalization = {"mode": "standardize" if train.standardize and not hologram else "none"}
-    return PreprocessSettings(
-        in_channels=train.in_channels, clahe=train.clahe, clahe_clip_limit=cfg.preprocess.clahe_clip_limit,
-        clahe_tile_grid=cfg.preprocess.clahe_tile_grid, background=train.background,
-        background_frames=cfg.preprocess.background_frames, background_alpha=cfg.preprocess.background_alpha,
-        input_size=0, normalization=tuple(sorted(normalization.items())), hologram=train.hologram,
-        hologram_filter=cfg.preprocess.hologram_filter, hologram_filter_size=cfg.preprocess.hologram_filter_size,
-        hologram_background_fit=cfg.preprocess.hologram_background_fit)
+    recipe = {key: getattr(cfg.preprocess, key) for key in RECIPE_KEYS}
+    recipe.update(clahe=train.clahe, background=train.background, hologram=train.hologram)  # train's choices
+    return PreprocessSettings(in_channels=train.in_channels, input_size=0,
+                              normalization=tuple(sorted(normalization.items())), **recipe)
 
 
 def synthetic_seeds(cfg: Config) -> tuple[list[int], list[int]]:
@@ -415,8 +413,7 @@ class Trainer:
 
     def write_history(self) -> None:
         path = self.run.history_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as handle:
+        with atomic_open(path, newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
             writer.writeheader()
             writer.writerows(self.history)

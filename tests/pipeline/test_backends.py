@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from app.config import ModelConfig
-from app.pipeline.backends import BackendError, OnnxBackend, TorchBackend, create_backend, onnx_providers
+from app.pipeline.backends import BackendError, create_backend
+from app.pipeline.backends.onnx_backend import OnnxBackend, onnx_providers
+from app.pipeline.backends.torch_backend import TorchBackend
 from models import build_model, load_checkpoint, save_checkpoint
 from models.onnx_export import export_onnx
 
@@ -106,14 +108,14 @@ def test_create_backend_exports_next_to_the_weights_when_missing_or_stale(tmp_pa
     local.write_bytes(weights.read_bytes())
     model, meta = load_checkpoint(local)
     config = ModelConfig(weights=str(local), backend="onnx", device="cpu", threads=1)
-    backend = create_backend(config, model, meta, local)
+    backend = create_backend(config, model, meta.in_channels, local)
     exported = local.with_suffix(".onnx")
     assert isinstance(backend, OnnxBackend) and exported.is_file()
     first = exported.stat().st_mtime_ns
-    create_backend(config, model, meta, local)
+    create_backend(config, model, meta.in_channels, local)
     assert exported.stat().st_mtime_ns == first  # up to date: not exported again
     os.utime(exported, ns=(first - 10**10, first - 10**10))  # now older than the weights
-    create_backend(config, model, meta, local)
+    create_backend(config, model, meta.in_channels, local)
     assert exported.stat().st_mtime_ns > first - 10**10
 
 
@@ -127,7 +129,7 @@ def test_create_backend_torch(weights: Path) -> None:
 def test_bad_configuration_raises_backend_error(weights: Path, field: str, value: str) -> None:
     model, meta = load_checkpoint(weights)
     with pytest.raises(BackendError, match=value):
-        create_backend(ModelConfig(**{field: value}), model, meta, weights)
+        create_backend(ModelConfig(**{field: value}), model, meta.in_channels, weights)
 
 
 def test_missing_onnx_file_is_a_backend_error(tmp_path: Path) -> None:

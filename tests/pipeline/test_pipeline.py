@@ -13,8 +13,9 @@ import pytest
 
 from app.config import replace
 from app.pipeline.frames import END_OF_STREAM
-from app.pipeline.inference import InferenceWorker, Stopped, collect_batch
+from app.pipeline.inference import InferenceWorker
 from app.pipeline.preprocess import Preprocessor, PreprocessSettings
+from app.pipeline.queues import Stopped, collect_batch
 from app.pipeline.runner import STAGES, Pipeline, PipelineError, run_sequential
 from app.pipeline.sinks import GifSink, MaskFolderSink, VideoSink
 from app.pipeline.sources import open_source

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from app.config import OutputConfig
+from app.files import partial_path
 from app.pipeline.frames import Frame, SourceInfo
 from app.pipeline.sinks import (
     FrameStatsSink,
@@ -21,7 +22,6 @@ from app.pipeline.sinks import (
     VideoSink,
     close_all,
     open_sinks,
-    partial_path,
 )
 from tests.pipeline_helpers import count_video_frames, read_gif
 
