@@ -43,6 +43,9 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class SynthConfig:
+    """The ``synth`` section: both generators' settings (the classic one first, then the propagated
+    generator's and the randomisation ranges); documented key by key in config.yaml."""
+
     size: int = 512
     frames: int = 64
     seed: int = 0
@@ -52,6 +55,7 @@ class SynthConfig:
     cell_radius_px: tuple[float, float] = (0.06, 0.12)
     max_phase_rad: float = 3.0
     drift_px_per_frame: float = 1.5
+    # debris, dust, noise and the camera
     num_particles: int = 6
     num_dust_rings: int = 3
     noise_std: float = 0.02
@@ -62,6 +66,7 @@ class SynthConfig:
     illumination_sigma: float = 0.6
     aberration_rad: float = 1.5
     defocus_halo: float = 3.0
+    # which generator, and the propagated generator's optics (app/synthesis/propagated.py)
     generator: str = "classic"
     randomize: bool = False
     fringe_period_range_px: tuple[float, float] = (2.2, 10.0)
@@ -70,6 +75,7 @@ class SynthConfig:
     defocus_px: float = 0.0
     pupil_fraction: float = 0.33
     object_radius_px: tuple[float, float] = (12.0, 40.0)
+    # object mix, coherent noise and parasitic fringes
     bead_fraction: float = 0.2
     organism_fraction: float = 0.1
     cluster_fraction: float = 0.2

@@ -8,32 +8,40 @@
 * :class:`FCNMultiScale`: a hypercolumn classifier: layer1..layer4 features brought to 1/4 resolution,
   combined by a 1×1 conv, BN, ReLU and a 1×1 classifier, then upsampled to the input.
 
-Eval mode: N×C×H×W -> N×K×H×W logits (any H, W ≥ 32). Training mode: {"out": logits} plus "aux" (logits
-at the layer3 resolution) when the auxiliary head is on.
+All keep the :class:`~models.base.SegmentationModel` contract. Eval mode: N×C×H×W -> N×K×H×W logits (any
+H, W ≥ 32). Training mode: {"out": logits} plus "aux" (logits at the layer3 resolution) when the auxiliary
+head is on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import Tensor, nn
 
 from models.backbones import VGG16, build_resnet, scaled
+from models.base import SegmentationModel
 from models.errors import ModelError
 from models.heads import BilinearUpsample, FCNHead, crop_to, resize
 
 FCN_VGG_STRIDES = (32, 16, 8)
 
 
-class FCNVGG(nn.Module):
+def _aux_on_layer3(head: nn.Module | None,
+                   features: dict[str, Tensor]) -> Callable[[], dict[str, Tensor]] | None:
+    """The ResNet FCNs' auxiliary output: ``head`` on the layer3 features, computed only when asked."""
+    return None if head is None else (lambda: {"aux": head(features["layer3"])})
+
+
+class FCNVGG(SegmentationModel):
     """FCN-``stride``s on VGG16 (stride 32, 16 or 8): the classic skip architecture."""
 
     def __init__(self, num_classes: int, in_channels: int, *, stride: int = 8, width: float = 1.0) -> None:
-        super().__init__()
         if stride not in FCN_VGG_STRIDES:
             raise ModelError(f"FCN stride must be one of {FCN_VGG_STRIDES}, got {stride}")
-        self.num_classes = num_classes
-        self.in_channels = in_channels
+        super().__init__(num_classes, in_channels, default_loss_weights={"out": 1.0})
         self.stride = stride
-        self.default_loss_weights = {"out": 1.0}
         self.backbone = VGG16(in_channels=in_channels, width=width)
         channels = self.backbone.channels
         self.score_fr = nn.Conv2d(channels["fc7"], num_classes, 1)
@@ -62,36 +70,32 @@ class FCNVGG(nn.Module):
         if self.stride == 8:
             skip = self.score_pool3(features["pool3"])
             score = crop_to(self.upscore_pool4(score), skip.shape[-2:]) + skip
-        out = crop_to(self.upscore(score), x.shape[-2:])
-        return {"out": out} if self.training else out
+        return self.outputs(score, x.shape[-2:])
+
+    def upsample(self, logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+        """The learned ×stride deconvolution, cropped to ``size`` (the paper's upsampling, not a resize)."""
+        return crop_to(self.upscore(logits), size)
 
 
-class FCNResNet(nn.Module):
+class FCNResNet(SegmentationModel):
     """ResNet FCN at output stride 8 with torchvision's layout (``backbone``, ``classifier``,
     ``aux_classifier``), so torchvision ``fcn_resnet50/101`` checkpoints fit at width 1."""
 
     def __init__(self, num_classes: int, in_channels: int, *, backbone: str = "resnet50", width: float = 1.0,
                  aux: bool = False) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.in_channels = in_channels
+        super().__init__(num_classes, in_channels, aux_names=("aux",) if aux else (),
+                         default_loss_weights={"out": 1.0, "aux": 0.4} if aux else {"out": 1.0})
         self.backbone = build_resnet(backbone, in_channels=in_channels, width=width, output_stride=8)
         self.classifier = FCNHead(self.backbone.channels["layer4"], num_classes)
         self.aux_classifier = FCNHead(self.backbone.channels["layer3"], num_classes) if aux else None
-        self.default_loss_weights = {"out": 1.0, "aux": 0.4} if aux else {"out": 1.0}
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         features = self.backbone(x)
-        out = resize(self.classifier(features["layer4"]), x.shape[-2:])
-        if not self.training:
-            return out
-        outputs = {"out": out}
-        if self.aux_classifier is not None:
-            outputs["aux"] = self.aux_classifier(features["layer3"])
-        return outputs
+        logits = self.classifier(features["layer4"])
+        return self.outputs(logits, x.shape[-2:], _aux_on_layer3(self.aux_classifier, features))
 
 
-class FCNMultiScale(nn.Module):
+class FCNMultiScale(SegmentationModel):
     """Multi-scale ResNet FCN: every stage contributes to a pixel-wise classifier at 1/4 resolution.
 
     The first classifier layer is a 1×1 conv over the concatenation of the four stages upsampled to 1/4.
@@ -104,9 +108,8 @@ class FCNMultiScale(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int, *, backbone: str = "resnet50", width: float = 1.0,
                  aux: bool = False) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.in_channels = in_channels
+        super().__init__(num_classes, in_channels, aux_names=("aux",) if aux else (),
+                         default_loss_weights={"out": 1.0, "aux": 0.4} if aux else {"out": 1.0})
         self.backbone = build_resnet(backbone, in_channels=in_channels, width=width, output_stride=32)
         hidden = scaled(256, width)
         self.project = nn.ModuleDict({
@@ -115,7 +118,6 @@ class FCNMultiScale(nn.Module):
         self.fuse = nn.Sequential(nn.BatchNorm2d(hidden), nn.ReLU(inplace=True))
         self.classifier = nn.Conv2d(hidden, num_classes, 1)
         self.aux_classifier = FCNHead(self.backbone.channels["layer3"], num_classes) if aux else None
-        self.default_loss_weights = {"out": 1.0, "aux": 0.4} if aux else {"out": 1.0}
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         features = self.backbone(x)
@@ -123,10 +125,5 @@ class FCNMultiScale(nn.Module):
         hidden = self.project["layer1"](features["layer1"])
         for name in self.stages[1:]:
             hidden = hidden + resize(self.project[name](features[name]), quarter)
-        out = resize(self.classifier(self.fuse(hidden)), x.shape[-2:])
-        if not self.training:
-            return out
-        outputs = {"out": out}
-        if self.aux_classifier is not None:
-            outputs["aux"] = self.aux_classifier(features["layer3"])
-        return outputs
+        logits = self.classifier(self.fuse(hidden))
+        return self.outputs(logits, x.shape[-2:], _aux_on_layer3(self.aux_classifier, features))

@@ -21,6 +21,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from models.backbones import build_resnet, scaled
+from models.base import SegmentationModel
 from models.heads import CascadeFeatureFusion, ConvBNReLU, PyramidPoolingSum, half_size, resize
 
 # Channel counts at width 1.0 (see the module docstring).
@@ -29,7 +30,7 @@ REDUCED_CHANNELS = 512
 FUSED_CHANNELS = 256
 
 
-class ICNet(nn.Module):
+class ICNet(SegmentationModel):
     """Image cascade network. N×in_channels×H×W (H, W ≥ 32) -> N×num_classes×H×W logits in eval mode.
 
     In training mode returns {"out": N×K×H×W, "sub4": 1/4, "sub8": 1/8, "sub16": 1/16 logits}, the inputs
@@ -38,10 +39,8 @@ class ICNet(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int, *, backbone: str = "resnet50",
                  width: float = 0.5) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.default_loss_weights = {"sub16": 0.4, "sub8": 0.4, "sub4": 1.0}
+        super().__init__(num_classes, in_channels, aux_names=("sub4", "sub8", "sub16"),
+                         default_loss_weights={"sub16": 0.4, "sub8": 0.4, "sub4": 1.0})
         # Output stride 8 gives layer3/layer4 dilations 2/4 and no stride after layer2, as ICNet needs.
         self.backbone = build_resnet(backbone, in_channels=in_channels, width=width, output_stride=8)
         backbone_channels = self.backbone.channels
@@ -72,7 +71,4 @@ class ICNet(nn.Module):
         fused16, aux16 = self.cff_low(low, medium)
         fused8, aux8 = self.cff_high(fused16, high)
         sub4 = self.classifier(resize(fused8, (2 * fused8.shape[-2], 2 * fused8.shape[-1])))
-        out = resize(sub4, x.shape[-2:])
-        if not self.training:
-            return out
-        return {"out": out, "sub4": sub4, "sub8": aux8, "sub16": aux16}
+        return self.outputs(sub4, x.shape[-2:], lambda: {"sub4": sub4, "sub8": aux8, "sub16": aux16})

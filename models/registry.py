@@ -10,48 +10,51 @@ import inspect
 from collections.abc import Callable
 from types import MappingProxyType
 
-from torch import nn
-
 from models.backbones import RESNET_NAMES
+from models.base import SegmentationModel
 from models.errors import ModelError
 from models.fcn import FCNVGG, FCNMultiScale, FCNResNet
 from models.icnet import ICNet
 
 
-def _icnet(*, num_classes: int, in_channels: int, backbone: str = "resnet50", width: float = 0.5) -> nn.Module:
+def _icnet(*, num_classes: int, in_channels: int, backbone: str = "resnet50",
+           width: float = 0.5) -> SegmentationModel:
     return ICNet(num_classes, in_channels, backbone=backbone, width=width)
 
 
-def _fcn32s(*, num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
+def _fcn32s(*, num_classes: int, in_channels: int, width: float = 1.0) -> SegmentationModel:
     return FCNVGG(num_classes, in_channels, stride=32, width=width)
 
 
-def _fcn16s(*, num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
+def _fcn16s(*, num_classes: int, in_channels: int, width: float = 1.0) -> SegmentationModel:
     return FCNVGG(num_classes, in_channels, stride=16, width=width)
 
 
-def _fcn8s(*, num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
+def _fcn8s(*, num_classes: int, in_channels: int, width: float = 1.0) -> SegmentationModel:
     return FCNVGG(num_classes, in_channels, stride=8, width=width)
 
 
-def _fcn_resnet18(*, num_classes: int, in_channels: int, width: float = 1.0, aux: bool = False) -> nn.Module:
+def _fcn_resnet18(*, num_classes: int, in_channels: int, width: float = 1.0,
+                  aux: bool = False) -> SegmentationModel:
     return FCNResNet(num_classes, in_channels, backbone="resnet18", width=width, aux=aux)
 
 
-def _fcn_resnet50(*, num_classes: int, in_channels: int, width: float = 1.0, aux: bool = False) -> nn.Module:
+def _fcn_resnet50(*, num_classes: int, in_channels: int, width: float = 1.0,
+                  aux: bool = False) -> SegmentationModel:
     return FCNResNet(num_classes, in_channels, backbone="resnet50", width=width, aux=aux)
 
 
-def _fcn_resnet101(*, num_classes: int, in_channels: int, width: float = 1.0, aux: bool = False) -> nn.Module:
+def _fcn_resnet101(*, num_classes: int, in_channels: int, width: float = 1.0,
+                   aux: bool = False) -> SegmentationModel:
     return FCNResNet(num_classes, in_channels, backbone="resnet101", width=width, aux=aux)
 
 
 def _fcn_multiscale(*, num_classes: int, in_channels: int, backbone: str = "resnet50", width: float = 1.0,
-                    aux: bool = False) -> nn.Module:
+                    aux: bool = False) -> SegmentationModel:
     return FCNMultiScale(num_classes, in_channels, backbone=backbone, width=width, aux=aux)
 
 
-MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType({
+MODELS: MappingProxyType[str, Callable[..., SegmentationModel]] = MappingProxyType({
     "icnet": _icnet,
     "fcn32s": _fcn32s,
     "fcn16s": _fcn16s,
@@ -81,7 +84,8 @@ def _check_count(label: str, value: object) -> None:
         raise ModelError(f"{label} must be a positive integer, got {value!r}")
 
 
-def build_model(name: str, num_classes: int = 2, in_channels: int = 1, **options: object) -> nn.Module:
+def build_model(name: str, num_classes: int = 2, in_channels: int = 1,
+                **options: object) -> SegmentationModel:
     """Build registered model ``name`` (in training mode, freshly initialised).
 
     Unknown name or option, or an invalid value (e.g. an unknown ``backbone``) -> :class:`ModelError`

@@ -38,11 +38,12 @@ def _diffs(stdout: str) -> dict[str, float]:
 def test_every_model_exports_with_parity(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     weights = tiny_checkpoint(tmp_path / f"{name}.pt", name, in_channels=3 if name == "fcn8s" else 1)
     out = tmp_path / f"{name}.onnx"
-    status = app.export.main(["--weights", str(weights), "--out", str(out), "--sizes", "64x64", "70x90"])
+    sizes = ["64x64", "70x90", "97x33", "203x317"]  # odd sides and aspect ratios, batches of two
+    status = app.export.main(["--weights", str(weights), "--out", str(out), "--sizes", *sizes])
     captured = capsys.readouterr()
     assert status == 0, captured.err
     diffs = _diffs(captured.out)
-    assert set(diffs) == {"64x64", "70x90"}
+    assert set(diffs) == set(sizes)
     assert max(diffs.values()) <= 1e-4
     assert out.is_file()
 
@@ -68,7 +69,10 @@ def test_static_and_fp16_exports(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_parity_failure_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     weights = tiny_checkpoint(tmp_path / "icnet.pt", "icnet")
-    monkeypatch.setattr(app.export, "verify_onnx", lambda *args, **kwargs: 0.5)
+    from models.onnx_export import Parity
+
+    monkeypatch.setattr(app.export, "check_parity",
+                        lambda model, path, sizes, fp16: [Parity(sizes[0], 0.5, 5.0, 1e-3)])
     assert app.export.main(["--weights", str(weights)]) == 1
     assert "differs from PyTorch" in capsys.readouterr().err
 

@@ -1,11 +1,12 @@
-"""Every registered model: eval/train outputs, gradients, and the registry's error messages."""
+"""Every registered model keeps the SegmentationModel contract (eval/train outputs, gradients, recorded
+construction), and the registry's error messages."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models import ModelError, build_model, list_models, model_options
+from models import ModelError, SegmentationModel, build_model, list_models, model_options
 
 
 def tiny_options(name: str) -> dict[str, object]:
@@ -38,7 +39,7 @@ def test_eval_output_has_input_size(tiny_model: tuple[torch.nn.Module, int], siz
     model.eval()
     with torch.no_grad():
         logits = model(torch.randn(1, channels, *size))
-    assert logits.shape == (1, 3, *size)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (1, 3, *size)
     assert torch.isfinite(logits).all()
 
 
@@ -47,8 +48,9 @@ def test_train_outputs_and_gradients(tiny_model: tuple[torch.nn.Module, int], si
     model, channels = tiny_model
     model.train()
     outputs = model(torch.randn(2, channels, *size))
-    assert isinstance(outputs, dict)
+    assert isinstance(outputs, dict) and set(outputs) == {"out", *model.aux_names}
     assert outputs["out"].shape == (2, 3, *size)
+    assert all(output.shape[:2] == (2, 3) for output in outputs.values())
     assert set(model.default_loss_weights) <= set(outputs)
     assert all(torch.isfinite(output).all() for output in outputs.values())
     loss = sum(weight * outputs[name].square().mean() for name, weight in model.default_loss_weights.items())
@@ -62,6 +64,7 @@ def test_every_model_records_its_construction() -> None:
     for name in list_models():
         with torch.device("meta"):
             model = build_model(name, num_classes=4, in_channels=1, **tiny_options(name))
+        assert isinstance(model, SegmentationModel)
         assert (model.num_classes, model.in_channels) == (4, 1)
         assert model.default_loss_weights
 
