@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.errors import first_line
 from benchmarks.timing import synchronize
 from benchmarks.workload import make_backend
 
@@ -77,7 +78,7 @@ def run_section(ctx: Context) -> dict[str, Any]:
                 times = time_calls(lambda backend=backend, x=x: backend.predict(x), bench.repeats, bench.warmup,
                                    bench.model_budget_s, backend.device)
             except Exception as exc:  # one model failing (e.g. export) must not lose the whole table
-                row.update(latency_ms=None, fps=None, note=f"failed: {str(exc).strip().splitlines()[0]}")
+                row.update(latency_ms=None, fps=None, note=f"failed: {first_line(exc)}")
                 rows.append(row)
                 continue
             latency = statistics.median(times)

@@ -19,6 +19,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
+from app.errors import first_line
 from models.errors import CheckpointError, ModelError
 
 
@@ -296,7 +297,7 @@ def load_backbone_weights(backbone: ResNet | VGG16, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for corrupt files; the message is what matters
-        raise CheckpointError(f"{path}: cannot read backbone weights ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: cannot read backbone weights ({first_line(exc)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a torchvision state_dict (expected a mapping of names to tensors)")
     converted = backbone.from_imagenet(state)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.errors import first_line
 from app.files import atomic_path
 from models.errors import CheckpointError, ModelError
 from models.registry import build_model
@@ -179,17 +180,15 @@ def atomic_save(payload: dict[str, Any], path: str | Path) -> None:
         torch.save(payload, partial)
 
 
-def _first_line(exc: BaseException) -> str:
+def _gist(exc: BaseException) -> str:
     """The gist of an exception message: its first line, plus the next one when the first is only a header
     ("Error(s) in loading state_dict for ICNet:"); for torch.load's weights-only refusal, the reason itself
     (e.g. "Unsupported global: GLOBAL models.fcn.FCNResNet" for a whole pickled model)."""
     text = str(exc).strip()
     if _WEIGHTS_ONLY_REASON in text:
-        return text.split(_WEIGHTS_ONLY_REASON, 1)[1].strip().splitlines()[0].split(" was not an allowed")[0]
+        return first_line(text.split(_WEIGHTS_ONLY_REASON, 1)[1]).split(" was not an allowed")[0] or first_line(exc)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return " ".join(lines[:2]) if lines and lines[0].endswith(":") else first_line(exc)
 
 
 def load_checkpoint(path: str | Path, num_classes: int | None = None,
@@ -209,7 +208,7 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None,
             payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch.load raises many types for corrupt files; the message is what matters
         raise CheckpointError(f"{path}: cannot read checkpoint: truncated, corrupt or not a {FORMAT} file "
-                              f"({_first_line(exc)})") from None
+                              f"({_gist(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
             raise CheckpointError(f"{path}: a plain state_dict, not a {FORMAT} file (it records no architecture; "
@@ -221,7 +220,7 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None,
     try:
         meta = CheckpointMeta.from_dict(payload["meta"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: malformed checkpoint metadata ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: malformed checkpoint metadata ({_gist(exc)})") from None
     if num_classes is not None and meta.num_classes != num_classes:
         raise CheckpointError(f"{path}: checkpoint has {meta.num_classes} classes ({', '.join(meta.class_names)}), "
                               f"expected {num_classes}")
@@ -229,5 +228,5 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None,
         model = build_model(meta.arch, **meta.options)
         model.load_state_dict(payload["state_dict"])
     except (ModelError, RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: weights do not fit '{meta.arch}' ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: weights do not fit '{meta.arch}' ({_gist(exc)})") from None
     return model.to(map_location).eval(), meta

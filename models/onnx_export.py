@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from app.errors import AppError
+from app.errors import AppError, first_line
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -60,11 +60,6 @@ class _LogitsAndLabels(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.model(x)
         return logits, logits.argmax(dim=1).to(torch.uint8)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _export_copy(model: nn.Module, fp16: bool) -> nn.Module:
@@ -103,7 +98,7 @@ def export_onnx(model: nn.Module, out_path: str | Path, *, in_channels: int, ops
                               dynamic_axes=dynamic_axes, do_constant_folding=True)
         os.replace(temporary, out_path)
     except Exception as exc:  # the exporter raises many types; callers need one
-        raise ExportError(f"ONNX export to {out_path} failed: {_first_line(exc)}") from exc
+        raise ExportError(f"ONNX export to {out_path} failed: {first_line(exc)}") from exc
     finally:
         temporary.unlink(missing_ok=True)
     return out_path
@@ -162,7 +157,7 @@ def check_parity(model: nn.Module, onnx_path: str | Path, sizes: Sequence[tuple[
     try:
         session = cpu_session(onnx_path)
     except Exception as exc:  # ONNX Runtime raises its own exception types
-        raise ExportError(f"{onnx_path}: ONNX Runtime cannot load it ({_first_line(exc)})") from exc
+        raise ExportError(f"{onnx_path}: ONNX Runtime cannot load it ({first_line(exc)})") from exc
     graph_input = session.get_inputs()[0]
     channels = graph_input.shape[1]
     generator = torch.Generator().manual_seed(seed)
@@ -175,7 +170,7 @@ def check_parity(model: nn.Module, onnx_path: str | Path, sizes: Sequence[tuple[
             logits = session.run([LOGITS_NAME], {graph_input.name: x.numpy()})[0]
         except Exception as exc:  # ONNX Runtime raises its own exception types
             raise ExportError(f"{onnx_path}: ONNX Runtime failed at {height}×{width} "
-                              f"({_first_line(exc)})") from exc
+                              f"({first_line(exc)})") from exc
         with torch.inference_mode():
             expected = reference(x.float()).numpy()
         if logits.shape != expected.shape:

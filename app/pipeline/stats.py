@@ -1,11 +1,11 @@
 """Per-stage timing statistics and the end-of-run summary.
 
-A :class:`StageStats` is filled by exactly one stage thread (plus drop counts from the thread that
-feeds that stage's queue) and read once the run is over. Units: seconds in, milliseconds out.
+A :class:`StageStats` is filled by exactly one stage thread and read once the run is over; the
+runner adds the frames dropped on the stage's output edge to its summary's ``dropped``. Units: seconds in, milliseconds out.
 FPS over N frames is ``(N - 1) / (t_last - t_first)`` of the frames' completion times (0 for N < 2).
 
 API:
-    StageStats(name).record(seconds, frames=1, t_done=None); .sample_queue(depth); .frames_dropped
+    StageStats(name).record(seconds, frames=1, t_done=None); .sample_queue(depth)
     StageStats.summary() -> {"frames", "fps", "mean_ms", "p50_ms", "p95_ms", "queue_max", "queue_mean", "dropped"}
     fps_over(t_first, t_last, frames) -> float
     latency_summary(latencies_ms) -> {"mean_ms", "p50_ms", "p95_ms"}
@@ -53,7 +53,6 @@ class StageStats:
         self.name = name
         self.frames = 0
         self.batches = 0
-        self.frames_dropped = 0
         self._per_frame_s = array("d")
         self._queue_depths = array("l")
         self._t_first: float | None = None
@@ -86,7 +85,7 @@ class StageStats:
             **times,
             "queue_max": int(depths.max()) if depths.size else 0,
             "queue_mean": float(depths.mean()) if depths.size else 0.0,
-            "dropped": self.frames_dropped,
+            "dropped": 0,
             "mean_batch": self.frames / self.batches if self.batches else 0.0,
         }
 

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from app.config import RECIPE_KEYS, Config, ConfigError, replace
-from app.errors import AppError
+from app.errors import AppError, first_line
 from app.files import atomic_open
 from app.pipeline.hologram import NUM_CHANNELS
 from app.pipeline.preprocess import PreprocessSettings, recipe
@@ -447,7 +447,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for corrupt files
-        raise TrainError(f"{path}: cannot read training state ({str(exc).splitlines()[0]})") from None
+        raise TrainError(f"{path}: cannot read training state ({first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainError(f"{path} is not a training state; resume from the NAME.last.pt written beside "
                          f"the checkpoint")
