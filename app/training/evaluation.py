@@ -1,15 +1,6 @@
-"""Score a checkpoint: ``python -m app.evaluate --weights W.pt (--data DIR | --synthetic ...)``.
-
-With labels (a folder with masks/ or boxes.csv|json, or ``--synthetic``) it prints a per-class table
-(IoU, Dice) with the means and writes the :meth:`app.training.metrics.ConfusionMatrix.compute` scores as JSON
-(``--json``; NaN, a class absent from predictions and labels, becomes null) and one row per image as CSV
-(``--per-image``). Without labels (a video, or a folder of images only) it predicts, prints the
-fraction of pixels per class and the speed, and can write the predicted masks (``--masks``).
-
-Frames go through the live pipeline's preprocessing with the recipe recorded in the checkpoint, one
-preprocessor per sequence in frame order (as a live stream would see them), and through the configured
-backend (``model.backend``, ``model.device``).
-"""
+"""Scoring a checkpoint: frames from a labelled folder, synthetic sequences or any source, run through
+the live pipeline's preprocessing (one preprocessor per sequence, in frame order) and a backend into a
+:class:`~app.training.metrics.ConfusionMatrix`. The command line is :mod:`app.evaluate`."""
 
 from __future__ import annotations
 

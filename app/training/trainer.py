@@ -1,17 +1,10 @@
-"""Train a segmentation model on a folder dataset or on synthetic interferograms.
-
-``python -m app.train [--config F] [--set k=v] [--data DIR | --synthetic] --model NAME [--epochs N]
-[--batch-size N] [--lr X] [--out weights/NAME.pt] [--steps-per-epoch N] [--seed K]``
-``python -m app.train --resume weights/NAME.last.pt``
-
-Writes three files: ``NAME.pt`` (the best model by validation mIoU, a checkpoint that carries its own
-recipe, for ``--weights``), ``NAME.last.pt`` (the full training state after every epoch and on Ctrl-C,
-for ``--resume``) and ``NAME.history.csv`` (one row per epoch).
+"""Training: datasets from the recipe, the :class:`Trainer` loop (AMP, schedulers, early stopping,
+validation mIoU), checkpoints that carry their recipe, and exact resumption.
 
 Resuming continues exactly: model, optimiser, scheduler, AMP scaler, epoch and step within it, best
-metric, early-stopping count, history, the RNG states of python/numpy/torch and the data order (which
-is a function of seed and epoch; augmentation draws depend on seed, epoch and sample index only).
-"""
+metric, early-stopping count, history, the RNG states of python/numpy/torch and the data order (a
+function of seed and epoch; augmentation draws depend on seed, epoch and sample index only). The
+command line is :mod:`app.train`."""
 
 from __future__ import annotations
 
@@ -32,6 +25,7 @@ from torch.utils.data import Dataset, Subset
 from app.config import RECIPE_KEYS, Config, ConfigError, replace
 from app.errors import AppError, first_line
 from app.files import atomic_open
+from app.pipeline.backends.torch_backend import resolve_torch_device
 from app.pipeline.hologram import NUM_CHANNELS
 from app.pipeline.preprocess import PreprocessSettings, recipe
 from app.training.datasets import (
@@ -200,19 +194,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainError(f"unknown device '{name}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"device '{name}' asked for, but CUDA is not available")
-    return device
-
-
 class Trainer:
     """One training run: model, optimiser, scheduler, data, and the state needed to resume it.
 
@@ -234,7 +215,7 @@ class Trainer:
             raise TrainError(f"unknown model '{train.model}'; valid models: {', '.join(list_models())}")
         self.cfg = cfg
         self.run = run
-        self.device = device or resolve_device(cfg.model.device)
+        self.device = device or resolve_torch_device(cfg.model.device)
         random.seed(train.seed)
         np.random.seed(train.seed)
         torch.manual_seed(train.seed)
