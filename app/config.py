@@ -24,7 +24,23 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
 
 
 class ConfigError(AppError, ValueError):
-    """A configuration file or override is invalid (unknown key, wrong type, bad syntax)."""
+    """A configuration file or override is invalid (unknown key, wrong type, bad syntax, out of range)."""
+
+
+def _at_least(key: str, value: float, minimum: float, meaning: str = "") -> None:
+    if value < minimum:
+        hint = f" ({meaning})" if meaning else ""
+        raise ConfigError(f"{key} must be >= {minimum:g}{hint}, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _one_of(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key} must be one of {', '.join(valid)}, got '{value}'")
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,14 @@ class PreprocessConfig(PreprocessRecipe):
     background_file: str = ""  # background hologram (run-time input, not part of the recipe)
     hologram_backend: str = "auto"  # numpy | torch | auto (torch when the model runs on CUDA)
 
+    def __post_init__(self) -> None:
+        _at_least("preprocess.input_size", self.input_size, 0, "0 = native resolution")
+        _positive("preprocess.clahe_clip_limit", self.clahe_clip_limit)
+        _at_least("preprocess.clahe_tile_grid", self.clahe_tile_grid, 1)
+        _at_least("preprocess.background_frames", self.background_frames, 1)
+        if not 0.0 < self.background_alpha <= 1.0:
+            raise ConfigError(f"preprocess.background_alpha must be in (0, 1], got {self.background_alpha}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -135,6 +159,11 @@ class ModelConfig:
     threads: int = 0
     warmup_iters: int = 2
 
+    def __post_init__(self) -> None:
+        _one_of("model.precision", self.precision, ("fp32", "fp16", "bf16"))
+        _at_least("model.threads", self.threads, 0, "0 = automatic")
+        _at_least("model.warmup_iters", self.warmup_iters, 0)
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -145,6 +174,13 @@ class PipelineConfig:
     max_frames: int = 0
     pin_threads: bool = True
 
+    def __post_init__(self) -> None:
+        _at_least("pipeline.queue_size", self.queue_size, 1)
+        _at_least("pipeline.batch_size", self.batch_size, 1)
+        _at_least("pipeline.batch_timeout_ms", self.batch_timeout_ms, 0)
+        _positive("pipeline.join_timeout_s", self.join_timeout_s)
+        _at_least("pipeline.max_frames", self.max_frames, 0, "0 = no limit")
+
 
 @dataclass(frozen=True)
 class OverlayConfig:
@@ -153,6 +189,12 @@ class OverlayConfig:
     contour_thickness: int = 1
     hud: bool = True
     base: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"overlay.alpha must be between 0 and 1, got {self.alpha}")
+        _at_least("overlay.contour_thickness", self.contour_thickness, 1)
+        _one_of("overlay.base", self.base, ("auto", "frame"))
 
 
 @dataclass(frozen=True)

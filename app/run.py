@@ -160,7 +160,7 @@ def outputs_of(config: Config) -> list[str]:
 def run_app(prog: str, config: Config, *, realtime: bool, num_classes: int | None, sequential: bool) -> int:
     """Build the stages from ``config``, run them, print the summary; returns the exit code."""
     weights = Path(config.model.weights)
-    if not weights.is_file():
+    if not weights.exists():
         raise UsageError(f"weights file not found: {weights}; pass --weights FILE (a checkpoint saved by "
                        f"python -m app.train)")
     display = None

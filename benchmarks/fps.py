@@ -339,7 +339,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.markdown:
         report.write_markdown(args.markdown, result)
     if args.plot:
-        report.write_plot(args.plot, result)
+        if result.get("interrupted") and not report.chart_panels(result):
+            log("interrupted before any section finished: no plot written")
+        else:
+            report.write_plot(args.plot, result)
     print(report.to_markdown(result))
     return EXIT_INTERRUPTED if result.get("interrupted") else EXIT_OK
 

@@ -191,6 +191,24 @@ def _gist(exc: BaseException) -> str:
     return " ".join(lines[:2]) if lines and lines[0].endswith(":") else first_line(exc)
 
 
+def check_checkpoint_path(path: Path) -> None:
+    """Say what ``path`` is when it cannot be a checkpoint: missing, a folder, not a regular file (a device
+    such as /dev/null, a FIFO), empty, or an ONNX graph (which runs with ``model.onnx_path``, not as weights)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; --weights takes a checkpoint file (.pt) saved by training")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file; --weights takes a checkpoint file (.pt)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty, not a checkpoint")
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"pytorch" in head.lower()):
+        raise CheckpointError(f"{path} is an ONNX graph, not a checkpoint: pass the .pt checkpoint with --weights "
+                              "and run the graph with --backend onnx --set model.onnx_path=" + str(path))
+
+
 def load_checkpoint(path: str | Path, num_classes: int | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the model stored at ``path`` (eval mode, on ``map_location``) and return it with its meta.
@@ -199,8 +217,7 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None,
     state_dict), or ``num_classes`` given and different -> :class:`CheckpointError` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    check_checkpoint_path(path)
     try:
         with warnings.catch_warnings():
             # Foreign pickles make torch.load warn about their protocol; the error below says what matters.

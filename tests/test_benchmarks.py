@@ -297,3 +297,19 @@ def test_ctrl_c_keeps_the_finished_sections(tmp_path: Path, monkeypatch: pytest.
     assert result["interrupted"] == "models" and result["storage"]["results"]
     assert "models" not in result and "end_to_end" not in result
     assert any("interrupted during 'models'" in note for note in result["notes"])
+
+
+def test_ctrl_c_before_the_first_section_with_plot_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import model_latency
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_latency, "run_section", interrupted)
+    overrides = [arg for override in [*TINY, "model.threads=1"] for arg in ("--set", override)]
+    status = fps.main(["--quick", "--sections", "models", "--plot", str(tmp_path / "p.png"),
+                       "--json", str(tmp_path / "r.json"), "--workdir", str(tmp_path), *overrides])
+    assert status == 130
+    assert not (tmp_path / "p.png").exists()
+    assert "no plot written" in capsys.readouterr().err

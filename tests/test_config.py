@@ -125,3 +125,24 @@ def test_replace_type_checks_and_keeps_the_original():
         replace(cfg, pipeline={"max_frames": "many"})
     with pytest.raises(ConfigError, match="did you mean"):
         replace(cfg, pipeline={"max_frame": 5})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pipeline.batch_size=0", "pipeline.batch_size must be >= 1"),
+    ("pipeline.queue_size=-1", "pipeline.queue_size must be >= 1"),
+    ("pipeline.max_frames=-1", "pipeline.max_frames must be >= 0"),
+    ("overlay.alpha=5", "overlay.alpha must be between 0 and 1"),
+    ("preprocess.input_size=-5", "preprocess.input_size must be >= 0"),
+    ("model.precision=fp8", "model.precision must be one of"),
+])
+def test_out_of_range_values_fail_when_the_config_is_read(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_out_of_range_flags_fail_before_anything_runs(tmp_path, capsys):
+    from app import live
+
+    assert live.main(["--source", "synthetic", "--no-display", "--max-frames", "-1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["app.live: error: pipeline.max_frames must be >= 0 (0 = no limit), got -1"]

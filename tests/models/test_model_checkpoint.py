@@ -136,3 +136,28 @@ def test_default_palette_has_distinct_colours() -> None:
     palette = default_palette(40)
     assert len(set(palette)) == 40
     assert all(0 <= c <= 255 for colour in palette for c in colour)
+
+
+@pytest.mark.parametrize("kind, message", [("folder", "is a folder"), ("device", "not a regular file"),
+                                           ("empty", "is empty"), ("onnx", "is an ONNX graph")])
+def test_what_cannot_be_a_checkpoint_is_named(kind, message, tmp_path):
+    from models import load_checkpoint
+
+    if kind == "folder":
+        path = tmp_path
+    elif kind == "device":
+        path = Path("/dev/null")
+    elif kind == "empty":
+        path = tmp_path / "empty.pt"
+        path.write_bytes(b"")
+    else:
+        from models import build_model
+        from models.onnx_export import export_onnx
+
+        path = export_onnx(build_model("fcn_resnet18", width=0.125, num_classes=2).eval(), tmp_path / "m.onnx",
+                           in_channels=1)
+        renamed = path.with_suffix(".pt")  # the content, not the name, gives it away
+        path.rename(renamed)
+        path = renamed
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
