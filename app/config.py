@@ -213,6 +213,38 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class OpticsConfig:
+    """The microscope, for physical read-outs: µm per camera pixel in the object plane, the laser
+    wavelength, the refractive index difference between cells and medium (thickness), and the specific
+    refraction increment α (dry mass = ∫ OPD dA / α; 1 mL/g = 1 µm³/pg)."""
+
+    pixel_size_um: float = 0.5
+    wavelength_nm: float = 633.0
+    refractive_index_difference: float = 0.03
+    refraction_increment_ml_per_g: float = 0.19
+
+    def __post_init__(self) -> None:
+        for key in ("pixel_size_um", "wavelength_nm", "refractive_index_difference", "refraction_increment_ml_per_g"):
+            _positive(f"optics.{key}", getattr(self, key))
+
+
+@dataclass(frozen=True)
+class ObjectsConfig:
+    """Objects per frame (connected components of the label map) and their tracking across frames."""
+
+    min_area_px: int = 20
+    max_link_distance_px: float = 30.0
+    max_gap_frames: int = 3
+    trail_frames: int = 12
+
+    def __post_init__(self) -> None:
+        _at_least("objects.min_area_px", self.min_area_px, 1)
+        _positive("objects.max_link_distance_px", self.max_link_distance_px)
+        _at_least("objects.max_gap_frames", self.max_gap_frames, 0)
+        _at_least("objects.trail_frames", self.trail_frames, 0, "0 = no trails")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: str = "icnet"  # registered model name
     backbone: str = "resnet18"  # backbone for ICNet / ResNet FCNs
@@ -302,6 +334,8 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    optics: OpticsConfig = field(default_factory=OpticsConfig)
+    objects: ObjectsConfig = field(default_factory=ObjectsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
