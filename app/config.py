@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class SynthConfig:
     cell_radius_px: tuple[float, float] = (0.06, 0.12)
     max_phase_rad: float = 3.0
     drift_px_per_frame: float = 1.5
+    num_divisions: int = 0
     # debris, dust, noise and the camera
     num_particles: int = 6
     num_dust_rings: int = 3
@@ -204,6 +206,10 @@ class OutputConfig:
     gif: str = ""
     masks_dir: str = ""
     csv: str = ""
+    objects: str = ""
+    tracks: str = ""
+    events: str = ""
+    plots_dir: str = ""
     stats_json: str = ""
     video_fps: float = 25.0
     gif_stride: int = 2
@@ -225,7 +231,19 @@ class OpticsConfig:
 
     def __post_init__(self) -> None:
         for key in ("pixel_size_um", "wavelength_nm", "refractive_index_difference", "refraction_increment_ml_per_g"):
-            _positive(f"optics.{key}", getattr(self, key))
+            value = getattr(self, key)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                raise ConfigError(f"optics.{key} must be a number > 0, got {value!r}")
+
+    @property
+    def pixel_area_um2(self) -> float:
+        return self.pixel_size_um**2
+
+    @property
+    def opd_um_per_rad(self) -> float:
+        """Optical path difference of one radian of phase, λ/2π (µm)."""
+        return self.wavelength_nm * 1e-3 / (2.0 * math.pi)
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,12 @@ import numpy as np
 
 from app.cli import add_config_arguments, add_verbosity_arguments, config_from_args
 from app.config import Config, replace
-from app.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
+from app.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError, deferred_interrupts
+from app.files import check_output
 from app.pipeline.backends import BACKENDS
 from app.pipeline.factory import build_stages
 from app.pipeline.runner import PipelineResult
-from app.pipeline.sinks import SINKS
+from app.pipeline.sinks import SINKS, check_outputs
 from app.pipeline.stats import format_table, write_json
 
 log = logging.getLogger("app")
@@ -163,6 +164,9 @@ def run_app(prog: str, config: Config, *, realtime: bool, num_classes: int | Non
     if not weights.exists():
         raise UsageError(f"weights file not found: {weights}; pass --weights FILE (a checkpoint saved by "
                        f"python -m app.train)")
+    check_outputs(config.output)  # every output path, before the model loads and the first frame
+    if config.output.stats_json:
+        check_output(config.output.stats_json, suffixes=(".json",), streams=True)
     display = None
     if config.output.display:
         available, reason = display_available()
@@ -172,20 +176,23 @@ def run_app(prog: str, config: Config, *, realtime: bool, num_classes: int | Non
             log.info("window off: %s", reason)
     stages = build_stages(config, realtime=realtime, num_classes=num_classes)
     progress = ProgressLine() if stages.source.info.frame_count else None
-    log.info("%s: %s -> %s with %s (%s); %s", prog, config.source.uri,
-             ", ".join(outputs_of(config)) or "no files", weights, stages.inference.name,
-             "press q/Esc or Ctrl-C to stop" if display else "Ctrl-C to stop")
+    try:  # from here the runner closes every stage; until it starts, this does
+        log.info("%s: %s -> %s with %s (%s); %s", prog, config.source.uri,
+                 ", ".join(outputs_of(config)) or "no files", weights, stages.inference.name,
+                 "press q/Esc or Ctrl-C to stop" if display else "Ctrl-C to stop")
+        pipeline = stages.pipeline(config.pipeline, display=display, progress=progress)
+    except BaseException:
+        stages.close()
+        raise
     try:
-        if sequential:
-            result = stages.run_sequential(config.pipeline, display=display, progress=progress)
-        else:
-            result = stages.pipeline(config.pipeline, display=display, progress=progress).run()
+        result = pipeline.run_sequential() if sequential else pipeline.run()
     finally:
         if progress is not None:
             progress.finish()
         if display is not None:
             display.close()
-    report(result, config, hologram_summary(stages.preprocessor))
+    with deferred_interrupts():  # a Ctrl-C during the summary must not lose the stats file
+        report(result, config, hologram_summary(stages.preprocessor))
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 
 

@@ -34,7 +34,7 @@ from benchmarks.workload import preprocessor
 if TYPE_CHECKING:
     from benchmarks.workload import Context
 
-OUTPUTS = tuple(SINKS)
+OUTPUTS = tuple(name for name, spec in SINKS.items() if not spec.readout)
 
 
 def run_section(ctx: Context) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def run_section(ctx: Context) -> dict[str, Any]:
     out = ctx.workdir / "end-to-end"
 
     def outputs(mode: str) -> dict[str, Any]:
-        return {"display": False, **{spec.config_key: str(out / mode / spec.bench_name) for spec in SINKS.values()}}
+        return {"display": False, **{SINKS[name].config_key: str(out / mode / SINKS[name].bench_name) for name in OUTPUTS}}
 
     run_config = replace(config, source={"uri": str(folder), "loop": False}, pipeline={"max_frames": 0},
                          output=outputs("pipeline"))
@@ -73,9 +73,10 @@ def run_section(ctx: Context) -> dict[str, Any]:
             source.close()
             raise
         stages = (source, placed(backends[mode]), workers[mode], renderer, sinks, mode_config.pipeline)
-        if mode == "pipeline":
-            return Pipeline(*stages).run()
-        return run_sequential(*stages)
+        result = Pipeline(*stages).run() if mode == "pipeline" else run_sequential(*stages)
+        if result.interrupted:  # the runner absorbed the Ctrl-C to finish its files: stop the section too
+            raise KeyboardInterrupt
+        return result
 
     def placed(target: Any) -> Any:
         """The shipped model's preprocessing; on CUDA its hologram stage runs in ``target`` (torch.fft),

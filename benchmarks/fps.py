@@ -1,6 +1,6 @@
 """Frame-rate benchmark CLI: storage, each stage, every model per backend, and the pipeline end to end.
 
-    python -m benchmarks.fps [--quick] [--sections storage,stages,models,end_to_end]
+    python -m benchmarks.fps [--quick] [--sections storage,stages,models,end_to_end]   (or --sections soak)
                              [--dirs hdd=/mnt/hdd/seq ssd=/mnt/ssd/seq] [--json FILE] [--markdown FILE]
                              [--plot FILE.png] [--workdir DIR] [--config PATH] [--set K=V]
 
@@ -16,8 +16,9 @@ JSON layout (top level): ``machine`` (CPU model and cores, GPU, torch / ONNX Run
 git commit), ``weights`` (which model, and whether it is the trained checkpoint), ``config``,
 ``estimated_s``, ``duration_s``, one key per section that ran — ``storage`` (+ ``storage_gap``),
 ``stages``, ``hologram`` (demodulation per frame, ours beside qpretrieve), ``models``, ``end_to_end`` (``pipeline_fps``, ``naive_fps``, ``speedup``,
-``slowest_stage``, ``slowest_stage_fps``, ``efficiency``) — and ``targets`` (name, measured, required,
-met).
+``slowest_stage``, ``slowest_stage_fps``, ``efficiency``), ``soak`` (RSS over a 100,000-frame run and a
+long synthetic build; run only when named, a few minutes, :mod:`benchmarks.soak`) — and ``targets``
+(name, measured, required, met).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from app.config import Config, ConfigError
 from app.errors import EXIT_INTERRUPTED, EXIT_OK
 
 SECTIONS = ("storage", "stages", "hologram", "models", "end_to_end")
+ON_REQUEST_SECTIONS = ("soak",)  # run only when named in --sections: slow, and about memory, not speed
 QUICK_OVERRIDES = (
     "benchmark.repeats=3",
     "benchmark.warmup=1",
@@ -66,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                     "each pipeline stage alone, every model per backend, and the threaded pipeline against "
                     "the naive loop. Prints a markdown table at the end.")
     parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated parts to run (default: all of {','.join(SECTIONS)})")
+                        help=f"comma-separated parts to run (default: all of {','.join(SECTIONS)}; "
+                             f"on request: {','.join(ON_REQUEST_SECTIONS)}, RSS over a 100,000-frame run)")
     parser.add_argument("--quick", action="store_true",
                         help="smaller settings, about two minutes on two CPU cores (--set still overrides)")
     parser.add_argument("--dirs", nargs="+", default=[], metavar="NAME=DIR",
@@ -85,10 +88,11 @@ def _parser() -> argparse.ArgumentParser:
 def parse_sections(text: str) -> list[str]:
     """``"storage,models"`` -> ["storage", "models"] in the canonical order; unknown names are errors."""
     names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in SECTIONS]
+    known = (*SECTIONS, *ON_REQUEST_SECTIONS)
+    unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise ConfigError(f"unknown section(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(SECTIONS)}")
-    return [name for name in SECTIONS if name in names]
+        raise ConfigError(f"unknown section(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(known)}")
+    return [name for name in known if name in names]
 
 
 def parse_dirs(values: list[str]) -> dict[str, Path]:
@@ -169,6 +173,10 @@ def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path],
             total += len(bench.backends) * runs * infer_s(bench.model_size)
     if "end_to_end" in sections:
         total += runs * bench.frames * (3.2 * infer_s(bench.end_to_end_size) + 0.01)
+    if "soak" in sections:
+        from benchmarks.soak import estimate_seconds as soak_seconds
+
+        total += soak_seconds()
     return total
 
 
@@ -224,6 +232,10 @@ def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, A
         demodulation = target(result["hologram"])
         if demodulation:
             targets.append(demodulation)
+    if result.get("soak"):
+        from benchmarks import soak
+
+        targets += soak.targets(result["soak"])
     one_core = config.benchmark.one_core_size
     for stage, what in (("overlay", "overlay"), ("metrics", "metrics update (ConfusionMatrix)")):
         rows = [r for r in (result.get("stages") or {}).get("results", [])
@@ -255,7 +267,7 @@ def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, A
 def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Path | None,
         log: Callable[[str], None], quick: bool = False, command: str = "") -> dict[str, Any]:
     """Run the chosen sections and return the full result dict (see the module docstring)."""
-    from benchmarks import end_to_end, hologram, model_latency, stages, storage
+    from benchmarks import end_to_end, hologram, model_latency, soak, stages, storage
     from benchmarks.machine import machine_info
     from benchmarks.workload import Context, FrameCache, load_model
 
@@ -293,7 +305,7 @@ def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Pat
         runners = {"storage": lambda: storage.run_section(bench, dirs, Path(scratch), log),
                    "stages": lambda: stages.run_section(ctx), "hologram": lambda: hologram.run_section(ctx),
                    "models": lambda: model_latency.run_section(ctx),
-                   "end_to_end": lambda: end_to_end.run_section(ctx)}
+                   "end_to_end": lambda: end_to_end.run_section(ctx), "soak": lambda: soak.run_section(ctx)}
         for name in sections:
             try:
                 result[name] = runners[name]()

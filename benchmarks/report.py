@@ -177,6 +177,22 @@ def _models(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _soak(section: dict[str, Any]) -> list[str]:
+    run, build = section["run"], section["build"]
+    lines = ["", "## Soak", "",
+             f"{run['frames']} frames of {run['size']}² from a looped synthetic source, unpaced, through the threaded "
+             f"pipeline (backend: {run['backend']}; GIF and CSV written) in {run['seconds']:.0f} s "
+             f"({run['fps']:.0f} frames/s). RSS = resident set size, MB = 10⁶ bytes.", ""]
+    lines.append(table(["point", "frames", "RSS (MB)", "elapsed (s)"],
+                       [(f"{r['percent']} %", r["frames"], r["rss_mb"], r["elapsed_s"]) for r in run["rss"]]))
+    lines.append(f"\n- growth after warm-up (RSS at 100 % minus at 10 %): {run['growth_mb']:.2f} MB; fitted over the "
+                 f"run: {run['slope_bytes_per_frame']:.1f} bytes per frame; peak during the run {run['peak_rss_mb']:.1f} MB")
+    lines.append(f"- building a {build['frames']}-frame {build['size']}² synthetic sequence in a fresh process: "
+                 f"{build['seconds']:.2f} s, peak RSS {build['peak_rss_mb']:.0f} MB "
+                 f"({build['rss_before_mb']:.0f} MB after imports)")
+    return lines
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     """The readable report: header, targets, then one section per benchmark that ran."""
     lines = _header(result) + _targets(result)
@@ -190,6 +206,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += _hologram(result["hologram"])
     if "models" in result:
         lines += _models(result["models"])
+    if "soak" in result:
+        lines += _soak(result["soak"])
     for message in result.get("notes", []):
         lines.append(f"\n> {message}")
     return "\n".join(lines) + "\n"
@@ -235,6 +253,10 @@ def chart_panels(result: dict[str, Any]) -> list[tuple[str, list[tuple[str, floa
     if models:
         panels.append((f"Models at {models['size']}², batch 1 (frames/s)",
                        [(f"{r['model']} ({r['backend']})", r["fps"]) for r in models["results"] if r.get("fps")]))
+    soak = result.get("soak")
+    if soak:
+        panels.append((f"Soak, {soak['run']['frames']} frames of {soak['run']['size']}²: RSS (MB)",
+                       [(f"after {r['percent']} % ({r['frames']} frames)", r["rss_mb"]) for r in soak["run"]["rss"]]))
     return [(title, bars) for title, bars in panels if bars]
 
 
@@ -262,7 +284,7 @@ def _scale(values: list[float], span: int) -> tuple[Callable[[float], int], list
 
 
 def write_plot(path: str | Path, result: dict[str, Any]) -> None:
-    """Horizontal bar chart, one panel per section, each with its own frames/s scale (PNG).
+    """Horizontal bar chart, one panel per section, each with its own scale (PNG; frames/s, soak: MB).
 
     A panel whose values span more than 20× uses a logarithmic axis with labelled decades (the title
     says so), so a 10 000 fps writer does not flatten a 10 fps model into an invisible bar.

@@ -122,7 +122,7 @@ def writer_factories(config: Config, class_names: Sequence[str], folder: Path) -
     def factory(spec: Any) -> Callable[[], list]:
         return lambda: [spec.open(folder / spec.bench_name, config.output, class_names)]
 
-    return {name: factory(spec) for name, spec in SINKS.items()}
+    return {name: factory(spec) for name, spec in SINKS.items() if not spec.readout}
 
 
 def _row(stage: str, variant: str, size: int | str, rate: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -150,7 +150,8 @@ def test_cli_arguments_are_checked() -> None:
 def test_cli_bad_section_is_one_plain_line_and_exit_2(capsys) -> None:
     assert fps.main(["--sections", "disks"]) == 2
     err = capsys.readouterr().err
-    assert err == "benchmarks.fps: error: unknown section(s) disks; valid: storage, stages, hologram, models, end_to_end\n"
+    assert err == ("benchmarks.fps: error: unknown section(s) disks; valid: storage, stages, hologram, models, "
+                   "end_to_end, soak\n")
 
 
 def test_unknown_device_profile_lists_the_valid_ones() -> None:
@@ -313,3 +314,37 @@ def test_ctrl_c_before_the_first_section_with_plot_exits_130(tmp_path: Path, mon
     assert status == 130
     assert not (tmp_path / "p.png").exists()
     assert "no plot written" in capsys.readouterr().err
+
+
+def test_soak_runs_only_when_named() -> None:
+    assert fps.parse_sections(fps._parser().parse_args([]).sections) == list(fps.SECTIONS)
+    assert "soak" not in fps.SECTIONS
+    assert fps.parse_sections("soak,storage") == ["storage", "soak"]
+
+
+def test_soak_section_reports_rss_along_the_run_and_the_long_build(tmp_path: Path) -> None:
+    """A short soak through the real pipeline; ``python -m benchmarks.fps --sections soak`` runs 100,000 frames."""
+    from app.config import load_config
+    from benchmarks import soak
+    from benchmarks.workload import Context, FrameCache, load_model
+
+    config = load_config(overrides=["model.threads=1"])
+    ctx = Context(config, load_model(config), FrameCache(tmp_path), tmp_path)
+    section = soak.run_section(ctx, frames=600, build_frames=2000)
+    run, build = section["run"], section["build"]
+    assert run["frames"] == 600 and run["frames_dropped"] == 0
+    assert [r["percent"] for r in run["rss"]] == [10, 50, 100]
+    assert [r["frames"] >= p * 6 for r, p in zip(run["rss"], (10, 50, 100), strict=True)] == [True] * 3
+    assert all(r["rss_mb"] > 10 for r in run["rss"]) and run["peak_rss_mb"] >= max(r["rss_mb"] for r in run["rss"])
+    assert run["growth_mb"] == pytest.approx(run["rss"][-1]["rss_mb"] - run["rss"][0]["rss_mb"])
+    # A header and a row per frame: RSS is read while running, so the run goes on past the last reading.
+    assert (tmp_path / "soak" / "soak.csv").read_text().count("\n") == 1 + 600 + soak._tail(600)
+    assert isinstance(run["slope_bytes_per_frame"], float)
+    assert build["frames"] == 2000 and 0 < build["seconds"] < 30
+    assert build["rss_before_mb"] < build["peak_rss_mb"] < soak.BUILD_MB_TARGET  # its own process, not ours
+    names = [t["name"] for t in soak.targets(section)]
+    assert len(names) == 3 and "RSS growth" in names[0]
+    result = {"sections": ["soak"], "machine": {"cpu_model": "test"}, "soak": section}
+    assert "## Soak" in report.to_markdown(result) and "growth after warm-up" in report.to_markdown(result)
+    report.write_plot(tmp_path / "soak.png", result)
+    assert cv2.imread(str(tmp_path / "soak.png")) is not None

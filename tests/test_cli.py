@@ -4,14 +4,21 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
+import sys
+import time
 
 import pytest
 
+from app import errors
 from app.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     EXIT_USAGE,
     AppError,
+    deferred_interrupts,
     describe,
     exit_code_for,
     first_line,
@@ -117,3 +124,92 @@ def test_every_project_error_is_an_app_error():
     for error in (ConfigError, BackendError, PreprocessError, SinkError, SourceError, SynthError, DatasetError,
                   CheckpointError, ModelError):
         assert issubclass(error, AppError), error
+
+
+# -- Ctrl-C while outputs are being finished (app.errors.deferred_interrupts) --------------------------
+
+@pytest.fixture
+def restore_signals():
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+class Exited(BaseException):
+    """What the os._exit double raises: the code the process would have ended with."""
+
+
+@pytest.fixture
+def no_exit(monkeypatch):
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(errors.os, "_exit", fake_exit)
+
+
+def press() -> None:
+    os.kill(os.getpid(), signal.SIGINT)  # the handler runs in this (the main) thread before kill returns
+
+
+def test_ctrl_c_inside_deferred_interrupts_stops_instead_of_raising_and_a_second_is_absorbed(capfd, restore_signals):
+    before = signal.getsignal(signal.SIGINT)
+    stops = []
+    with deferred_interrupts(lambda: stops.append(True)) as interrupts:
+        press()
+        assert interrupts.interrupted and stops == [True]
+        assert capfd.readouterr().err == ""  # the first press only stops
+        press()
+    assert stops == [True, True] and interrupts.presses == 2
+    assert capfd.readouterr().err.strip() == (
+        f"{os.path.basename(sys.argv[0])}: still finishing the outputs; Ctrl-C again within 2 s aborts")
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):  # outside the block Ctrl-C raises again
+        press()
+
+
+def test_a_third_ctrl_c_soon_after_the_second_aborts_naming_what_is_unfinished(capfd, restore_signals, no_exit,
+                                                                             monkeypatch):
+    monkeypatch.setattr(errors, "ABORT_WINDOW_S", 0.2)
+    with deferred_interrupts(unfinished=lambda: ["inference (frame 7)", "sinks (run.gif)"]):
+        press()
+        press()
+        time.sleep(0.3)
+        press()  # too long after the second: absorbed too
+        with pytest.raises(Exited) as exited:
+            press()
+    assert exited.value.args == (EXIT_INTERRUPTED,)
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        f"{os.path.basename(sys.argv[0])}: aborted by a third Ctrl-C; left unfinished: inference (frame 7), "
+        "sinks (run.gif)")
+
+
+def test_under_guarded_main_ctrl_c_after_the_first_is_absorbed_until_the_process_exits(capfd, restore_signals):
+    def body() -> int:
+        try:
+            press()
+        finally:  # finishing outputs after the first Ctrl-C: a second one must not cut this short
+            press()
+            print("outputs finished", file=sys.stderr)
+        return EXIT_OK
+
+    assert guarded_main("prog", body) == EXIT_INTERRUPTED
+    assert capfd.readouterr().err.splitlines() == [
+        "prog: still finishing the outputs; Ctrl-C again within 2 s aborts", "outputs finished", "prog: interrupted"]
+    # Only the interpreter's exit is left, which would restore the default handler: kill by SIGINT, not 130.
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_an_error_that_leaves_threads_running_exits_at_once_with_its_line(capsys, no_exit, restore_signals):
+    class Stuck(AppError):
+        exit_code = EXIT_INTERRUPTED
+        left_running = ("inference",)
+
+    def body() -> int:
+        raise Stuck("inference stage failed on frame 3: did not stop within 5 s; left running")
+
+    with pytest.raises(Exited) as exited:
+        guarded_main("prog", body)
+    assert exited.value.args == (EXIT_INTERRUPTED,)
+    assert capsys.readouterr().err.strip() == (
+        "prog: interrupted: inference stage failed on frame 3: did not stop within 5 s; left running")

@@ -134,7 +134,7 @@ def test_replace_type_checks_and_keeps_the_original():
     ("overlay.alpha=5", "overlay.alpha must be between 0 and 1"),
     ("preprocess.input_size=-5", "preprocess.input_size must be >= 0"),
     ("model.precision=fp8", "model.precision must be one of"),
-    ("optics.wavelength_nm=-633", "optics.wavelength_nm must be > 0"),
+    ("optics.wavelength_nm=-633", "optics.wavelength_nm must be a number > 0"),
     ("objects.min_area_px=0", "objects.min_area_px must be >= 1"),
 ])
 def test_out_of_range_values_fail_when_the_config_is_read(override, message):

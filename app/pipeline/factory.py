@@ -13,8 +13,9 @@ import numpy as np
 from app.config import PipelineConfig
 from app.pipeline.inference import InferenceWorker
 from app.pipeline.overlay import OverlayRenderer
+from app.pipeline.readout import ReadOut
 from app.pipeline.runner import Display, Pipeline, PipelineResult, Progress, run_sequential
-from app.pipeline.sinks import Sink, close_all, open_sinks
+from app.pipeline.sinks import SINKS, Sink, close_all, open_sinks
 from app.pipeline.sources import Source, open_source
 
 log = logging.getLogger(__name__)
@@ -33,16 +34,17 @@ class Stages:
     renderer: OverlayRenderer
     sinks: list[Sink]
     meta: Any
+    readout: ReadOut | None = None
 
     def pipeline(self, settings: PipelineConfig, *, display: Display | None = None,
                  progress: Progress | None = None) -> Pipeline:
         return Pipeline(self.source, self.preprocessor, self.inference, self.renderer, self.sinks, settings,
-                        display=display, progress=progress)
+                        display=display, progress=progress, readout=self.readout)
 
     def run_sequential(self, settings: PipelineConfig, *, display: Display | None = None,
                        progress: Progress | None = None) -> PipelineResult:
         return run_sequential(self.source, self.preprocessor, self.inference, self.renderer, self.sinks,
-                              settings, display=display, progress=progress)
+                              settings, display=display, progress=progress, readout=self.readout)
 
     def close(self) -> None:
         """Release the source and finalise the sinks without running (e.g. after a setup error)."""
@@ -103,7 +105,19 @@ def build_renderer(config: Config, palette: Any) -> OverlayRenderer:
     """The overlay renderer ``config.overlay`` describes, in the checkpoint's ``palette``."""
     overlay = config.overlay
     return OverlayRenderer(palette, alpha=overlay.alpha, contours=overlay.contours,
-                           contour_thickness=overlay.contour_thickness, hud=overlay.hud, base=overlay.base)
+                           contour_thickness=overlay.contour_thickness, hud=overlay.hud, base=overlay.base,
+                           trail_frames=config.objects.trail_frames)
+
+
+def build_readout(config: Config, meta: Any, source: Any) -> ReadOut | None:
+    """The object read-out (objects, tracks, phase and dry mass per frame) when an output asks for it
+    (a sink with ``readout`` in :data:`~app.pipeline.sinks.SINKS`), else None: measuring costs time."""
+    wanted = [spec for spec in SINKS.values() if spec.readout and getattr(config.output, spec.config_key)]
+    if not wanted:
+        return None
+    info = source.info
+    return ReadOut(config.optics, config.objects, classes=range(1, meta.num_classes),
+                   fps=None if info.live else (info.fps or config.source.fps))
 
 
 def build_stages(config: Config, *, realtime: bool = True, num_classes: int | None = None,
@@ -124,7 +138,7 @@ def build_stages(config: Config, *, realtime: bool = True, num_classes: int | No
         preprocessor = build_preprocessor(config, meta)
         place_hologram_stage(preprocessor, backend)
         stages = Stages(source, preprocessor, build_inference(config, backend), build_renderer(config, meta.palette),
-                        open_sinks(config.output, meta.class_names), meta)
+                        open_sinks(config.output, meta.class_names), meta, build_readout(config, meta, source))
     except BaseException:
         source.close()
         raise

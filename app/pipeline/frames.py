@@ -43,11 +43,19 @@ class SourceInfo:
 class Frame:
     """One captured frame. ``image`` is H×W (gray) or H×W×3 (BGR), uint8 or uint16; never modified.
 
+    ``index`` is the frame's place in its source: an image's position in the sorted file list (a skipped
+    unreadable file leaves a gap), a video's or camera's count of frames read. ``name``: the image file's
+    name (``000010.png``) for image sequences, so outputs can be named after it; None for video, camera,
+    stream and synthetic frames.
     ``display``: what the overlay draws on instead of ``image`` when set (H×W uint8, the same size),
-    e.g. the quantitative phase of a hologram, attached by the preprocessing stage."""
+    e.g. the quantitative phase of a hologram, attached by the preprocessing stage. ``phase``: the
+    hologram's wrapped phase (H×W float32 rad), attached by the preprocessing stage when the object
+    read-out measures dry mass (:mod:`app.pipeline.readout`)."""
 
     index: int
     timestamp: float
     image: np.ndarray
     info: SourceInfo
     display: np.ndarray | None = None
+    name: str | None = None
+    phase: np.ndarray | None = None

@@ -14,6 +14,7 @@ into reused scratch buffers: about 2-3 ms for a 1024×1024 frame on one core.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,7 +90,7 @@ class OverlayRenderer:
     """
 
     def __init__(self, palette: Sequence[Sequence[int]], *, alpha: float = 0.5, contours: bool = True,
-                 contour_thickness: int = 1, hud: bool = True, base: str = "auto") -> None:
+                 contour_thickness: int = 1, hud: bool = True, base: str = "auto", trail_frames: int = 12) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
         if base not in OVERLAY_BASES:
@@ -103,6 +104,8 @@ class OverlayRenderer:
         self._scratch: dict[str, np.ndarray] = {}
         self._scratch_shape: tuple[int, ...] | None = None
         self._edge_kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (side, side))
+        self.trail_frames = trail_frames
+        self._trails: dict[int, deque[tuple[int, int]]] = {}
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
         """H×W uint8 labels -> H×W×3 uint8 BGR class colours (new array)."""
@@ -118,8 +121,11 @@ class OverlayRenderer:
             self._scratch_shape = shape
         return self._scratch
 
-    def render(self, image: np.ndarray, labels: np.ndarray, hud: HudInfo | None = None) -> np.ndarray:
-        """Frame + labels (+ HUD numbers) -> new H×W×3 uint8 BGR overlay. Not thread-safe (scratch)."""
+    def render(self, image: np.ndarray, labels: np.ndarray, hud: HudInfo | None = None,
+               readout: Any = None) -> np.ndarray:
+        """Frame + labels (+ HUD numbers, + the object read-out: track ids at the centroids, short
+        trails, and count / confluence / total dry mass in the HUD) -> new H×W×3 uint8 BGR overlay.
+        Not thread-safe (scratch, trails)."""
         if labels.shape != image.shape[:2]:
             raise ValueError(f"labels {labels.shape} and frame {image.shape[:2]} differ in size")
         labels = np.ascontiguousarray(labels, dtype=np.uint8)
@@ -135,9 +141,33 @@ class OverlayRenderer:
             eroded = cv2.erode(labels, self._edge_kernel, dst=scratch["eroded"])
             edges = cv2.compare(labels, eroded, cv2.CMP_GT, dst=scratch["edges"])
             cv2.copyTo(colors, edges, out)
+        if readout is not None:
+            self._draw_tracks(out, readout)
         if self.hud and hud is not None:
-            draw_hud(out, hud.text())
+            draw_hud(out, hud.text() + ("" if readout is None else "  " + readout_text(readout)))
         return out
+
+    def _draw_tracks(self, out: np.ndarray, readout: Any) -> None:
+        """Track ids at the centroids and each track's last ``trail_frames`` centroids, in place."""
+        scale = max(0.35, min(out.shape[0], out.shape[1]) / 1400.0)
+        centroids = readout.objects.centroid_xy
+        seen = set()
+        for track_id, (x, y) in zip(readout.tracks.track_ids.tolist(), centroids.tolist(), strict=True):
+            seen.add(track_id)
+            trail = self._trails.setdefault(track_id, deque(maxlen=max(1, self.trail_frames)))
+            trail.append((round(x), round(y)))
+            if self.trail_frames > 1 and len(trail) > 1:
+                cv2.polylines(out, [np.array(trail, np.int32)], False, (0, 255, 255), 1, cv2.LINE_AA)
+            cv2.putText(out, str(track_id), (round(x) - 4, round(y) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                        (255, 255, 255), 1, cv2.LINE_AA)
+        for gone in set(self._trails) - seen:  # trails of tracks not in this frame fade out with them
+            del self._trails[gone]
+
+
+def readout_text(readout: Any) -> str:
+    """The read-out's HUD part: object count, confluence and, with phase, the total dry mass."""
+    text = f"{len(readout.objects)} objects  {100.0 * readout.confluence:4.1f}% confluent"
+    return text if readout.total_dry_mass_pg is None else f"{text}  {readout.total_dry_mass_pg:.0f} pg"
 
 
 def draw_hud(image: np.ndarray, text: str) -> None:

@@ -241,6 +241,14 @@ class Preprocessor:
 
         return phase_picture(tensor)
 
+    def phase_image(self, tensor: np.ndarray) -> np.ndarray | None:
+        """The wrapped phase (H×W float32 rad, background ≈ 0, sign as demodulated) of a tensor this
+        preprocessor made, for the object read-outs; None without a hologram stage on the CPU at frame
+        resolution."""
+        if self.demodulator is None or self._on_device or self.settings.input_size:
+            return None
+        return np.arctan2(tensor[0], 1.0 - tensor[1]).astype(np.float32, copy=False)
+
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         if self._on_device:
             return np.ascontiguousarray(convert_channels(frame, 1), dtype=np.float32)[None]

@@ -38,15 +38,25 @@ Common rules:
 
 * The source delivers its first frame and then waits until the backend has warmed up on it (threaded;
   the sequential loop runs that frame through first anyway): frames captured during the warm-up would
-  only queue up and make the first latencies and the fps meaningless. Timings exclude the warm-up, and
-  frames captured before it ended are left out of the latency.
+  only queue up and make the first latencies and the fps meaningless. Stage timings exclude every
+  warm-up. Latency is counted from each frame's capture, except that the first warm-up (a one-off
+  start-up cost) is not: a frame captured before it ended counts from its end. A later warm-up (a new
+  input shape) is counted: the frames waiting behind it did wait.
 * End of stream is the :data:`~app.pipeline.frames.END_OF_STREAM` marker, forwarded along every edge.
 * An exception in any stage stops all stages: every queue operation waits at most 50 ms between checks
   of the stop event, every join has a timeout (``pipeline.join_timeout_s``), and the run raises
   :class:`PipelineError` naming the stage and frame ("inference stage failed on frame 17: ...").
-* Ctrl-C (KeyboardInterrupt in the caller's thread) or the display asking to quit stops all stages;
-  every stage is closed at the end (sinks finalise their files) in any case, and the result's
-  ``stopped`` says why the run ended.
+* Ctrl-C or the display asking to quit stops all stages; every stage is closed at the end (sinks
+  finalise their files) in any case, and the result's ``stopped`` says why the run ended. While a run
+  is under way in the main thread, Ctrl-C does not raise (:func:`app.errors.deferred_interrupts`): it
+  sets the stop event, so no stage is cut off mid-write; a second press is absorbed while the outputs
+  are finished, a third within two seconds aborts, naming the stages and files left open
+  (:meth:`Pipeline.unfinished`). A KeyboardInterrupt raised by the display or the progress callback
+  stops the run the same way.
+* A stage that does not stop within ``join_timeout_s`` (stuck in one long call) is left running while
+  the others close and finish their files; the run raises :class:`StageStuck` naming it (exit 130
+  after Ctrl-C), whose ``left_running`` tells the CLI to leave with ``os._exit`` (see
+  :mod:`app.errors`).
 
 Python API (what the CLIs and the benchmark harness use)::
 
@@ -69,6 +79,7 @@ input-queue depth and drops.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import queue
 import threading
@@ -81,7 +92,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from app.config import PipelineConfig
-from app.errors import EXIT_FAILURE, EXIT_USAGE, AppError, first_line
+from app.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, AppError, deferred_interrupts, first_line
 from app.pipeline.cpu import affinity_plan
 from app.pipeline.frames import EndOfStream, Frame
 from app.pipeline.hologram import HologramError
@@ -90,7 +101,9 @@ from app.pipeline.overlay import HudInfo, OverlayRenderer, picture_of
 from app.pipeline.queues import POLL_S, Edge, EdgePolicy, Stopped, wait_for
 from app.pipeline.sinks import Rendered, Sink, close_all
 from app.pipeline.sources import Source
-from app.pipeline.stats import StageStats, fps_over, latency_summary
+from app.pipeline.stats import LatencyRecorder, StageStats, fps_over
+
+log = logging.getLogger(__name__)
 
 STAGES = ("source", "preprocess", "inference", "overlay", "sinks")
 _PROGRESS_INTERVAL_S = 0.1
@@ -123,6 +136,24 @@ class PipelineError(AppError, RuntimeError):
         return EXIT_USAGE if isinstance(self.cause, HologramError) else EXIT_FAILURE
 
 
+class StageStuck(PipelineError):
+    """Stage threads (``left_running``, the first named) that did not stop within ``timeout_s``: each
+    is stuck in one call (a model call on a huge frame) and is left running, while every other stage
+    has closed (the sinks finished their files). Exit 130 when the run was interrupted (the user asked
+    to stop, and it did), 1 otherwise."""
+
+    def __init__(self, stuck: Sequence[str], frame_index: int | None, timeout_s: float, interrupted: bool) -> None:
+        also = f" (so is the {', '.join(stuck[1:])} stage)" if len(stuck) > 1 else ""
+        super().__init__(stuck[0], frame_index,
+                         f"did not stop within {timeout_s:g} s; left running{also}, the other stages closed")
+        self.left_running = tuple(stuck)
+        self.interrupted = interrupted
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return EXIT_INTERRUPTED if self.interrupted else EXIT_FAILURE
+
+
 class Display(Protocol):
     def show(self, image: np.ndarray) -> bool: ...
 
@@ -138,8 +169,8 @@ class PipelineResult:
     counts the time to fill the stages, so a short run with deep queues cannot look faster than it was;
     benchmarks compare runs with it.
 
-    ``latency`` is capture -> written (ms: mean/p50/p95; frames captured during backend warm-up are
-    left out); ``stopped`` is "end of stream",
+    ``latency`` is capture -> written (ms: mean/p50/p95) for every frame, a frame captured before the
+    first backend warm-up ended counting from its end; ``stopped`` is "end of stream",
     "max_frames", "user" (display quit) or "interrupted" (Ctrl-C); ``stats`` maps stage name to
     :meth:`app.pipeline.stats.StageStats.summary`.
     """
@@ -232,15 +263,19 @@ class PreprocessStage(Stage):
 
     name = "preprocess"
 
-    def __init__(self, preprocessor: Callable[[np.ndarray], np.ndarray], base: str) -> None:
+    def __init__(self, preprocessor: Callable[[np.ndarray], np.ndarray], base: str, phase: bool = False) -> None:
         self.preprocessor = preprocessor
         self.base = base
+        self.phase = getattr(preprocessor, "phase_image", None) if phase else None
 
     def process(self, items: list[Frame]) -> list[Preprocessed]:
         out = []
         for frame in items:
             tensor = self.preprocessor(frame.image)
-            out.append(Preprocessed(with_display(frame, self.preprocessor, tensor, self.base), tensor))
+            frame = with_display(frame, self.preprocessor, tensor, self.base)
+            if self.phase is not None:  # the object read-out measures dry mass from it
+                frame = dataclasses.replace(frame, phase=self.phase(tensor))
+            out.append(Preprocessed(frame, tensor))
         return out
 
 
@@ -248,7 +283,8 @@ class InferenceStage(Stage):
     """:class:`Preprocessed` -> :class:`Segmented`, one backend call per batch of equal shapes.
 
     ``prepare`` warms the backend up (once per input shape); ``warm`` is set once it has, and
-    ``ready_at`` is when the last warm-up ended (``time.perf_counter`` seconds, 0 without one).
+    ``ready_at`` is when the first warm-up ended (``time.perf_counter`` seconds, 0 without one): the
+    start-up cost that latency and throughput leave out.
     """
 
     name = "inference"
@@ -261,7 +297,7 @@ class InferenceStage(Stage):
         self.ready_at = 0.0
 
     def prepare(self, items: list[Preprocessed]) -> None:
-        if self.worker.warmup(items[0].tensor.shape):
+        if self.worker.warmup(items[0].tensor.shape) and not self.ready_at:
             self.ready_at = time.perf_counter()
         self.warm.set()
 
@@ -273,13 +309,16 @@ class InferenceStage(Stage):
 
 class OverlayStage(Stage):
     """:class:`Segmented` -> :class:`~app.pipeline.sinks.Rendered` (BGR overlay with the HUD: recent fps,
-    capture-to-overlay latency, ``frames_dropped()`` so far)."""
+    capture-to-overlay latency, ``frames_dropped()`` so far). With a ``readout``
+    (:class:`app.pipeline.readout.ReadOut`), each frame's objects are measured and tracked here, in
+    frame order, and drawn (track ids, trails, counts); the sinks get them in ``Rendered.readout``."""
 
     name = "overlay"
 
-    def __init__(self, renderer: OverlayRenderer, frames_dropped: Callable[[], int]) -> None:
+    def __init__(self, renderer: OverlayRenderer, frames_dropped: Callable[[], int], readout: Any = None) -> None:
         self.renderer = renderer
         self.frames_dropped = frames_dropped
+        self.readout = readout
         self._recent: deque[float] = deque(maxlen=_HUD_WINDOW)
 
     def process(self, items: list[Segmented]) -> list[Rendered]:
@@ -289,19 +328,27 @@ class OverlayStage(Stage):
             self._recent.append(start)
             hud = HudInfo(fps_over(self._recent[0], self._recent[-1], len(self._recent)),
                           (start - frame.timestamp) * 1000.0, self.frames_dropped())
-            picture = self.renderer.render(picture_of(frame, self.renderer.base), labels, hud)
-            out.append(Rendered(frame, labels, picture, (time.perf_counter() - frame.timestamp) * 1000.0))
+            base = picture_of(frame, self.renderer.base)
+            readout = None
+            if self.readout is None:
+                picture = self.renderer.render(base, labels, hud)
+            else:
+                readout = self.readout(frame, labels)
+                picture = self.renderer.render(base, labels, hud, readout)
+            out.append(Rendered(frame, labels, picture, (time.perf_counter() - frame.timestamp) * 1000.0, readout))
         return out
 
 
 class SinksStage(Stage):
     """Writes each :class:`~app.pipeline.sinks.Rendered` to every sink and passes it on; ``close``
-    finalises all of them and raises the first failure."""
+    finalises all of them, one after the other, and raises the first failure; ``open_paths()`` names
+    the ones not closed yet."""
 
     name = "sinks"
 
     def __init__(self, sinks: Sequence[Sink]) -> None:
         self.sinks = list(sinks)
+        self._open = list(self.sinks)
 
     def process(self, items: list[Rendered]) -> list[Rendered]:
         for item in items:
@@ -309,8 +356,18 @@ class SinksStage(Stage):
                 sink.write(item)
         return items
 
+    def open_paths(self) -> list[str]:
+        return [str(getattr(sink, "path", type(sink).__name__)) for sink in self._open]
+
     def close(self) -> None:
-        failure = close_all(self.sinks)
+        failure = None
+        while self._open:
+            closing = close_all(self._open[:1])
+            if closing is not None and failure is None:
+                failure = closing  # the run's one error line
+            elif closing is not None:
+                log.error("%s", closing)  # further failures would otherwise go unseen
+            del self._open[0]
         if failure is not None:
             raise failure
 
@@ -343,15 +400,15 @@ def make_edges(live: bool, settings: PipelineConfig) -> dict[str, Edge]:
 class _Output:
     """End-to-end bookkeeping of frames leaving the sinks (completion times, latencies).
 
-    Frames captured before the backend finished warming up (``ready_at()``) are left out of the latency
-    figures: their wait is a one-off start-up cost, not the pipeline's latency.
+    Every frame's latency counts from its capture, or from the end of the first warm-up (``ready_at()``)
+    for a frame captured before it: that wait is a one-off start-up cost, not the pipeline's latency.
     """
 
     def __init__(self, ready_at: Callable[[], float]) -> None:
         self.frames = 0
         self.t_first: float | None = None
         self.t_last: float | None = None
-        self.latencies_ms: list[float] = []
+        self.latencies = LatencyRecorder()
         self.ready_at = ready_at
         self.first_capture: float | None = None
 
@@ -361,8 +418,7 @@ class _Output:
             self.first_capture = frame.timestamp
         self.t_last = t_done
         self.frames += 1
-        if frame.timestamp >= self.ready_at():
-            self.latencies_ms.append((t_done - frame.timestamp) * 1000.0)
+        self.latencies.add((t_done - max(frame.timestamp, self.ready_at())) * 1000.0)
 
     @property
     def fps(self) -> float:
@@ -384,7 +440,7 @@ class Pipeline:
     def __init__(self, source: Source, preprocessor: Callable[[np.ndarray], np.ndarray],
                  inference: InferenceWorker, renderer: OverlayRenderer, sinks: Sequence[Sink],
                  settings: PipelineConfig | None = None, *, display: Display | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, readout: Any = None) -> None:
         self.source = source
         self.settings = settings or PipelineConfig()
         self.display = display
@@ -392,17 +448,33 @@ class Pipeline:
         self._stop = threading.Event()
         self._inference = InferenceStage(inference)
         self.stages: tuple[Stage, ...] = (SourceStage(source, self._stop),
-                                          PreprocessStage(preprocessor, renderer.base), self._inference,
-                                          OverlayStage(renderer, self.frames_dropped), SinksStage(sinks))
+                                          PreprocessStage(preprocessor, renderer.base, readout is not None),
+                                          self._inference, OverlayStage(renderer, self.frames_dropped, readout),
+                                          SinksStage(sinks))
         self.edges = make_edges(source.live, self.settings)
         self.stats = {stage.name: StageStats(stage.name) for stage in self.stages}
         self._output = _Output(lambda: self._inference.ready_at)
         self._current: dict[str, int | None] = dict.fromkeys(STAGES)
+        self._closed: set[str] = set()
         self._ran = False
 
     def frames_dropped(self) -> int:
         """Frames dropped so far (edge drops plus drops inside the source); safe to call any time."""
         return sum(edge.dropped for edge in self.edges.values()) + self.source.frames_dropped
+
+    def unfinished(self) -> list[str]:
+        """The stages not closed yet, with the frame each is on, and the sinks' files not finished yet,
+        e.g. ``["inference (frame 12)", "sinks (run.gif, run.csv)"]``; safe to call any time."""
+        left = []
+        for stage in self.stages:
+            if stage.name in self._closed:
+                continue
+            if isinstance(stage, SinksStage):
+                left.append(f"sinks ({', '.join(stage.open_paths()) or 'no files'})")
+            else:
+                frame = self._current[stage.name]
+                left.append(stage.name if frame is None else f"{stage.name} (frame {frame})")
+        return left
 
     def run(self) -> PipelineResult:
         """Run threaded to the end of the stream (or max_frames, quit, Ctrl-C); raises :class:`PipelineError`."""
@@ -415,14 +487,17 @@ class Pipeline:
         started = time.perf_counter()
         failure: PipelineError | None = None
         stopped = "end of stream"
-        try:
-            stopped = self._frame_by_frame()
-        except KeyboardInterrupt:
+        with deferred_interrupts(self._stop.set, self.unfinished) as interrupts:
+            try:
+                stopped = self._frame_by_frame()
+            except KeyboardInterrupt:  # raised by the display or the progress callback
+                stopped = "interrupted"
+            except PipelineError as error:
+                failure = error
+            finally:
+                closing = self._close()
+        if interrupts.interrupted:
             stopped = "interrupted"
-        except PipelineError as error:
-            failure = error
-        finally:
-            closing = self._close()
         failure = failure or closing
         if failure is not None:
             raise failure
@@ -468,6 +543,8 @@ class Pipeline:
                 stage.close()
             except Exception as exc:
                 failure = failure or PipelineError(stage.name, None, exc)
+            finally:
+                self._closed.add(stage.name)
         return failure
 
     def _report_progress(self) -> None:
@@ -485,7 +562,7 @@ class Pipeline:
         info = self.source.info
         output = self._output
         return PipelineResult(mode=mode, frames=output.frames, fps=output.fps, wall_s=wall_s,
-                              latency=latency_summary(output.latencies_ms),
+                              latency=output.latencies.summary(),
                               frames_dropped=self.frames_dropped(), frames_skipped=self.source.frames_skipped,
                               reconnects=self.source.reconnects, stopped=stopped, stats=summaries,
                               source={"uri": info.uri, "kind": info.kind, "live": info.live,
@@ -496,7 +573,7 @@ class Pipeline:
     def _frame_by_frame(self) -> str:
         """Each frame through all stages before the next is read; returns why it stopped."""
         last_progress = time.perf_counter()
-        while not self._source_done():
+        while not self._source_done() and not self._stop.is_set():
             items = self._step(self.stages[0], [])
             if isinstance(items[0], EndOfStream):
                 return "end of stream"
@@ -537,20 +614,23 @@ class _Threads:
                    for position, stage in enumerate(stages)]
         started = time.perf_counter()
         stopped: str | None = None
-        try:
-            for thread in threads:
-                thread.start()
-            stopped = self._supervise(threads)
-        except KeyboardInterrupt:
+        with deferred_interrupts(self.stop.set, pipeline.unfinished) as interrupts:
+            try:
+                for thread in threads:
+                    thread.start()
+                stopped = self._supervise(threads)
+            except KeyboardInterrupt:  # raised by the display or the progress callback
+                stopped = "interrupted"
+            finally:
+                self.stop.set()
+                self._join(threads, interrupted=stopped == "interrupted" or interrupts.interrupted)
+                # Each thread closes its own stage as it ends; close those whose thread never started.
+                closing = pipeline._close([stage for stage, thread in zip(stages, threads, strict=True)
+                                           if thread.ident is None])
+                if closing is not None:
+                    self._fail(closing)
+        if interrupts.interrupted:
             stopped = "interrupted"
-        finally:
-            self.stop.set()
-            self._join(threads)
-            # Each thread closes its own stage as it ends; close those whose thread never started.
-            closing = pipeline._close([stage for stage, thread in zip(stages, threads, strict=True)
-                                       if thread.ident is None])
-            if closing is not None:
-                self._fail(closing)
         if self.failure is not None:
             raise self.failure
         return pipeline._result("threaded", time.perf_counter() - started, stopped or self.end_reason)
@@ -623,7 +703,7 @@ class _Threads:
     def _supervise(self, threads: list[threading.Thread]) -> str | None:
         pipeline = self.pipeline
         last_progress = 0.0
-        while not self.finished.is_set() and self.failure is None:
+        while not self.finished.is_set() and not self.stop.is_set():  # a failure or Ctrl-C sets stop
             if pipeline.display is not None:
                 try:
                     picture = self.pictures.get(self.stop, timeout_s=POLL_S)
@@ -642,20 +722,28 @@ class _Threads:
         pipeline._report_progress()
         return None
 
-    def _join(self, threads: list[threading.Thread]) -> None:
+    def _join(self, threads: list[threading.Thread], interrupted: bool) -> None:
+        """Wait at most ``join_timeout_s`` in all for the threads to end, and as long again for the sinks'
+        thread if it is still finishing the files (a slow disk's fsync); a thread still running then is
+        stuck in a call: it is left running (daemon), and named by the failure (:class:`StageStuck`)."""
         timeout = self.pipeline.settings.join_timeout_s
         deadline = time.perf_counter() + timeout
-        for thread in threads:
+        started = [thread for thread in threads if thread.ident is not None]
+        for thread in started:
             thread.join(timeout=max(0.0, deadline - time.perf_counter()))
-        stuck = [thread.name.removeprefix("stage ") for thread in threads if thread.is_alive()]
+        if threads[-1] in started:
+            threads[-1].join(timeout=timeout)
+        stuck = [thread.name.removeprefix("stage ") for thread in started if thread.is_alive()]
         if stuck:
-            self._fail(PipelineError(stuck[0], self.pipeline._current[stuck[0]], f"did not stop within {timeout:g} s"))
+            self._fail(StageStuck(stuck, self.pipeline._current[stuck[0]], timeout, interrupted))
+            assert self.failure is not None
+            self.failure.left_running = tuple(stuck)
 
 
 def run_sequential(source: Source, preprocessor: Callable[[np.ndarray], np.ndarray],
                    inference: InferenceWorker, renderer: OverlayRenderer, sinks: Sequence[Sink],
                    settings: PipelineConfig | None = None, *, display: Display | None = None,
-                   progress: Progress | None = None) -> PipelineResult:
+                   progress: Progress | None = None, readout: Any = None) -> PipelineResult:
     """The naive loop: read -> preprocess -> infer -> overlay -> write, one frame at a time, one thread.
 
     Same stage objects, outputs and result structure as :meth:`Pipeline.run` (queue columns are zero,
@@ -663,4 +751,4 @@ def run_sequential(source: Source, preprocessor: Callable[[np.ndarray], np.ndarr
     ``stopped="interrupted"``; all stages (sinks, source) are closed in any case.
     """
     return Pipeline(source, preprocessor, inference, renderer, sinks, settings, display=display,
-                    progress=progress).run_sequential()
+                    progress=progress, readout=readout).run_sequential()

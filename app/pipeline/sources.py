@@ -33,6 +33,7 @@ import re
 import sys
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -91,9 +92,11 @@ class Source:
         return {"frames_read": self.frames_read, "frames_skipped": self.frames_skipped,
                 "frames_dropped": self.frames_dropped, "reconnects": self.reconnects}
 
-    def _frame(self, index: int, image: np.ndarray, timestamp: float | None = None) -> Frame:
+    def _frame(self, index: int, image: np.ndarray, timestamp: float | None = None,
+               name: str | None = None) -> Frame:
         self.frames_read += 1
-        return Frame(index, time.perf_counter() if timestamp is None else timestamp, image, self.info)
+        return Frame(index, time.perf_counter() if timestamp is None else timestamp, image, self.info,
+                     name=name)
 
     def __iter__(self) -> Iterator[Frame]:
         while True:
@@ -292,7 +295,8 @@ class StreamSource(_CaptureSource):
 class VideoFileSource(Source):
     """Any container OpenCV/FFmpeg can decode. File policy; ends at the first failed read.
 
-    With ``loop`` the file is reopened at its end. The container's frame count is only a progress hint.
+    With ``loop`` the file is reopened at its end. The container's frame count is only a progress hint;
+    a file that ends before it (a truncated recording) is reported once with a warning.
     """
 
     def __init__(self, path: str | Path, loop: bool = False) -> None:
@@ -304,6 +308,8 @@ class VideoFileSource(Source):
         fps = float(self._capture.get(cv2.CAP_PROP_FPS))
         self.info = SourceInfo(str(self.path), "video", live=False, fps=fps if fps > 0 else None,
                                frame_count=count if count > 0 and not loop else None)
+        self._declared = max(count, 0)
+        self._warned_short = False
         self._index = 0
         self._read_this_pass = 0
 
@@ -320,6 +326,10 @@ class VideoFileSource(Source):
         if not ok or image is None:
             if self._index == 0:
                 raise SourceError(f"cannot decode any frame from {self.path}")
+            if self._read_this_pass < self._declared and not self._warned_short:
+                self._warned_short = True
+                log.warning("%s: video ended after %d of %d frames declared", self.path,
+                            self._read_this_pass, self._declared)
             if not (self.loop and self._read_this_pass):
                 return END_OF_STREAM
             self._capture.release()
@@ -336,16 +346,55 @@ class VideoFileSource(Source):
         self._capture.release()
 
 
-def _read_image(path: Path) -> np.ndarray | None:
-    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_damage(data: bytes) -> str | None:
+    """Why ``data`` is not an intact PNG file, or None: no signature, no IHDR chunk first, a chunk cut
+    short or failing its CRC, or no IEND chunk. Checking before decoding keeps libpng from printing its
+    own ``libpng error: …`` line on stderr (it bypasses OpenCV's log level) next to our skip warning."""
+    if not data.startswith(PNG_SIGNATURE):
+        return "no PNG signature"
+    view, position = memoryview(data), len(PNG_SIGNATURE)
+    while position + 12 <= len(data):
+        length = int.from_bytes(view[position:position + 4], "big")
+        end = position + 12 + length
+        kind = bytes(view[position + 4:position + 8]).decode("latin-1")
+        if not (kind.isascii() and kind.isalpha()):
+            return "damaged chunk header"
+        if position == len(PNG_SIGNATURE) and kind != "IHDR":
+            return "no IHDR chunk after the signature"
+        if end > len(data):
+            return f"{kind} chunk cut short"
+        if zlib.crc32(view[position + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
+            return f"{kind} chunk fails its CRC"
+        if kind == "IEND":
+            return None
+        position = end
+    return "cut short before the IEND chunk"
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """Decode an image file unchanged (8/16-bit, gray or BGR); raise ``ValueError`` naming why it cannot
+    be (a damaged PNG is caught before libpng sees it), ``OSError`` if it cannot be read."""
+    data = path.read_bytes()
+    damage = png_damage(data) if path.suffix.lower() == ".png" else None
+    if damage:
+        raise ValueError(damage)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    if image is None:
+        raise ValueError("empty file" if not data else "corrupt or not an image")
+    return image
 
 
 class ImageSequenceSource(Source):
     """Numbered images (PNG/JPEG/TIFF/BMP, 8- or 16-bit, read unchanged) in natural order. File policy.
 
     ``prefetch_threads`` reader threads keep up to ``prefetch_depth`` images decoded ahead; frames are
-    still delivered in order. An unreadable file is skipped with a warning and counted in
-    ``frames_skipped``; with ``strict`` it raises :class:`SourceError`.
+    still delivered in order. A frame's ``index`` is its file's position in ``paths`` (plus
+    ``len(paths)`` per completed pass with ``loop``) and its ``name`` the file name. An unreadable file
+    is skipped with a one-line warning and counted in ``frames_skipped``, leaving a gap in the indices,
+    so the frames after it keep theirs; with ``strict`` it raises :class:`SourceError`.
     """
 
     def __init__(self, paths: list[Path], uri: str, prefetch_threads: int = 4, prefetch_depth: int = 16,
@@ -360,9 +409,9 @@ class ImageSequenceSource(Source):
         self._executor = ThreadPoolExecutor(max_workers=max(1, prefetch_threads),
                                             thread_name_prefix="prefetch")
         self._depth = max(1, prefetch_depth)
-        self._pending: deque[tuple[Path, Future[np.ndarray | None]]] = deque()
+        self._pending: deque[tuple[int, Path, Future[np.ndarray]]] = deque()
         self._next_path = 0
-        self._index = 0
+        self._passes = 0
         self._delivered_this_pass = 0
 
     def _fill(self) -> None:
@@ -371,10 +420,11 @@ class ImageSequenceSource(Source):
                 if not (self.loop and self._delivered_this_pass):
                     return
                 self._next_path = 0
+                self._passes += 1
                 self._delivered_this_pass = 0
-            path = self.paths[self._next_path]
+            index, path = self._passes * len(self.paths) + self._next_path, self.paths[self._next_path]
             self._next_path += 1
-            self._pending.append((path, self._executor.submit(_read_image, path)))
+            self._pending.append((index, path, self._executor.submit(_read_image, path)))
 
     def read(self, stop: threading.Event | None = None) -> Frame | EndOfStream:
         while True:
@@ -383,7 +433,8 @@ class ImageSequenceSource(Source):
             self._fill()
             if not self._pending:
                 return END_OF_STREAM
-            path, future = self._pending[0]
+            index, path, future = self._pending[0]
+            image, problem = None, ""
             while True:
                 if stop is not None and stop.is_set():
                     return END_OF_STREAM
@@ -392,25 +443,22 @@ class ImageSequenceSource(Source):
                     break
                 except FutureTimeout:
                     continue
-                except Exception as exc:  # an OS error reading the file counts as unreadable
-                    log.debug("reading %s failed: %s", path, exc)
-                    image = None
+                except (OSError, ValueError, cv2.error) as exc:  # all mean: this file is unreadable
+                    problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                     break
             self._pending.popleft()
             if image is None:
                 if self.strict:
-                    raise SourceError(f"cannot read image {path} (corrupt or not an image)")
+                    raise SourceError(f"cannot read image {path} ({problem})")
                 self.frames_skipped += 1
-                log.warning("skipping unreadable image %s", path)
+                log.warning("skipping unreadable image %s (%s)", path, problem)
                 continue
             self._delivered_this_pass += 1
-            frame = self._frame(self._index, image)
-            self._index += 1
-            return frame
+            return self._frame(index, image, name=path.name)
 
     def close(self) -> None:
         super().close()
-        for _, future in self._pending:
+        for _, _, future in self._pending:
             future.cancel()
         self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -481,6 +529,8 @@ def source_kind(uri: str) -> tuple[str, str]:
     """``(kind, target)`` for a source URI: kind is a :data:`SOURCES` name, target what it opens (camera
     index, URL, path or glob). Raises :class:`SourceError` for an unknown scheme or a missing path."""
     text = uri.strip()
+    if not text:
+        raise SourceError("empty source; give a camera, file, folder, glob, URL or synthetic")
     if text == "synthetic":
         return "synthetic", text
     if _CAMERA.match(text):

@@ -4,9 +4,14 @@ A :class:`StageStats` is filled by exactly one stage thread and read once the ru
 runner adds the frames dropped on the stage's output edge to its summary's ``dropped``. Units: seconds in, milliseconds out.
 FPS over N frames is ``(N - 1) / (t_last - t_first)`` of the frames' completion times (0 for N < 2).
 
+Memory is bounded however long a run lasts: counts, means and the queue maximum are running totals,
+and percentiles come from a :class:`LatencyRecorder` sample of at most :data:`SAMPLE_CAPACITY` values
+per figure, which holds every value of a shorter run (so its figures are exact).
+
 API:
     StageStats(name).record(seconds, frames=1, t_done=None); .sample_queue(depth)
     StageStats.summary() -> {"frames", "fps", "mean_ms", "p50_ms", "p95_ms", "queue_max", "queue_mean", "dropped"}
+    LatencyRecorder().add(ms, repeat=1); .summary() -> {"mean_ms", "p50_ms", "p95_ms"}
     fps_over(t_first, t_last, frames) -> float
     latency_summary(latencies_ms) -> {"mean_ms", "p50_ms", "p95_ms"}
     format_table(result_dict) -> str          # the table printed on stderr at the end of a run
@@ -16,6 +21,7 @@ API:
 from __future__ import annotations
 
 import json
+import random
 import time
 from array import array
 from pathlib import Path
@@ -42,6 +48,52 @@ def latency_summary(values_ms: Any) -> dict[str, float]:
             "p95_ms": float(np.percentile(data, 95))}
 
 
+SAMPLE_CAPACITY = 10_000
+"""Values a :class:`LatencyRecorder` keeps for percentiles (80 kB); a run up to this many frames is exact."""
+
+
+class LatencyRecorder:
+    """Count, mean, median and 95th percentile of a stream of milliseconds, in bounded memory.
+
+    Count and mean are running totals over every value. Percentiles are those of a uniform random
+    sample of at most ``capacity`` values (reservoir sampling, Vitter's algorithm R, seeded so a run
+    is reproducible): until ``capacity`` values have come, the sample is all of them and
+    :meth:`summary` equals :func:`latency_summary` of the full list, bit for bit. Not thread-safe: one
+    writer, read when it is done.
+    """
+
+    def __init__(self, capacity: int = SAMPLE_CAPACITY, seed: int = 0) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.count = 0
+        self._total = 0.0
+        self._sample = array("d")
+        self._random = random.Random(seed)
+
+    def add(self, value: float, repeat: int = 1) -> None:
+        """Record ``value`` (ms) ``repeat`` times."""
+        for _ in range(repeat):
+            if self.count < self.capacity:
+                self._sample.append(value)
+            else:
+                slot = self._random.randrange(self.count + 1)
+                if slot < self.capacity:
+                    self._sample[slot] = value
+            self.count += 1
+            self._total += value
+
+    def __len__(self) -> int:
+        return self.count
+
+    def summary(self) -> dict[str, float]:
+        """``{"mean_ms", "p50_ms", "p95_ms"}`` (zeros when nothing was recorded)."""
+        result = latency_summary(np.frombuffer(self._sample, dtype=np.float64))
+        if self.count > self.capacity:  # the sample no longer holds every value; the total does
+            result["mean_ms"] = self._total / self.count
+        return result
+
+
 class StageStats:
     """Timings of one stage: processing time per frame, completion times, input-queue depth, drops.
 
@@ -53,8 +105,10 @@ class StageStats:
         self.name = name
         self.frames = 0
         self.batches = 0
-        self._per_frame_s = array("d")
-        self._queue_depths = array("l")
+        self._per_frame_ms = LatencyRecorder()
+        self._queue_samples = 0
+        self._queue_total = 0
+        self._queue_max = 0
         self._t_first: float | None = None
         self._t_last: float | None = None
 
@@ -66,25 +120,25 @@ class StageStats:
         self._t_last = t_done
         self.frames += frames
         self.batches += 1
-        self._per_frame_s.extend([seconds / frames] * frames)
+        self._per_frame_ms.add(seconds / frames * 1000.0, repeat=frames)
 
     def sample_queue(self, depth: int) -> None:
         """Remember the depth of this stage's input queue (sampled before each get)."""
-        self._queue_depths.append(depth)
+        self._queue_samples += 1
+        self._queue_total += depth
+        self._queue_max = max(self._queue_max, depth)
 
     @property
     def fps(self) -> float:
         return fps_over(self._t_first, self._t_last, self.frames)
 
     def summary(self) -> dict[str, Any]:
-        times = latency_summary(np.frombuffer(self._per_frame_s, dtype=np.float64) * 1000.0)
-        depths = np.frombuffer(self._queue_depths, dtype=np.int64) if self._queue_depths else np.zeros(0)
         return {
             "frames": self.frames,
             "fps": self.fps,
-            **times,
-            "queue_max": int(depths.max()) if depths.size else 0,
-            "queue_mean": float(depths.mean()) if depths.size else 0.0,
+            **self._per_frame_ms.summary(),
+            "queue_max": self._queue_max,
+            "queue_mean": self._queue_total / self._queue_samples if self._queue_samples else 0.0,
             "dropped": 0,
             "mean_batch": self.frames / self.batches if self.batches else 0.0,
         }

@@ -22,6 +22,7 @@ CLI: ``python -m app.synth --out DIR --frames N --size S [--seed K] [--video FIL
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,10 +50,49 @@ _PARTICLE_BROWNIAN_PX = 0.4  # per-frame Brownian step of a debris particle
 _HALO_SMOOTHING_PX = 2.0  # spatial scale of the defocus halo around phase edges
 _SHOT_NOISE_FRACTION = 0.5  # share of the noise variance that is shot noise at the mean intensity
 _FULL_SCALE = 0.9  # brightest noiseless pixel lands at this fraction of the ADC range
+_WALK_BLOCK = 256  # frames of a body's random walk drawn at a time (then doubling) until it has left
+_RETURN_LOG_ODDS = 40.0  # a walk is cut once the chance of its body coming back is below e^-40
+_SPLIT_FRAMES = 6  # frames two daughter cells take to move apart after a division
 
 
 class SynthError(AppError, ValueError):
     """A synthetic-sequence setting is out of range."""
+
+
+@dataclass(frozen=True)
+class SynthObject:
+    """Ground truth of one object (labelled 1 in the mask) in one frame.
+
+    ``object_id``: >= 1, the same for the object in every frame, never reused within a sequence.
+    ``parent_id``: the id of the cell it divided from (0 = none). ``kind``: cell (classic generator),
+    cell, bead or organism (propagated; each cell of a touching cluster is an object of its own).
+    The object's pixels are those of ``SynthFrame.instances == object_id``: ``x_px``, ``y_px`` their
+    centroid (column, row; pixel centres at integers), ``integrated_phase_rad_px`` the exact phase
+    ``SynthFrame.cell_phase`` summed over them (rad·px, before blur and noise), ``area_px`` how many
+    of them the mask labels 1 (all of them without an ignore band). ``in_focus``: always True for the
+    classic generator; the propagated one's sequences are in focus within ±3 px of defocus.
+    """
+
+    object_id: int
+    parent_id: int
+    kind: str
+    x_px: float
+    y_px: float
+    area_px: int
+    integrated_phase_rad_px: float
+    in_focus: bool
+
+
+@dataclass(frozen=True)
+class Division:
+    """Cell ``parent_id`` is last seen at frame ``frame - 1``; its daughters ``daughter_ids`` appear at
+    ``frame`` as two touching halves on a random axis (half its area and the same peak phase each, so
+    about its integrated phase together), move apart over ``_SPLIT_FRAMES`` frames, then drift on as
+    their parent would have. Daughters do not divide again."""
+
+    frame: int
+    parent_id: int
+    daughter_ids: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -63,12 +103,18 @@ class SynthFrame:
     ``mask``: H×W uint8 class ids, 0 = background, 1 = cell, 255 = ignore (cell border band).
     ``cell_phase``: H×W float32 optical phase delay of the cells in radians; > 0 exactly inside cells
     (debris particles are not included).
+    ``instances``: H×W int32 object ids (:attr:`SynthObject.object_id`), 0 = none, on every pixel inside
+    an object (the ignore band's pixels inside included); where objects overlap, the pixel goes to the
+    one whose own phase is larger there (the one on top).
+    ``objects``: one :class:`SynthObject` per object with at least one pixel in ``instances``, by id.
     """
 
     index: int
     image: np.ndarray
     mask: np.ndarray
     cell_phase: np.ndarray
+    instances: np.ndarray
+    objects: tuple[SynthObject, ...]
 
 
 @dataclass(frozen=True)
@@ -145,6 +191,7 @@ def validate(cfg: SynthConfig) -> None:
         (cfg.drift_px_per_frame >= 0.0, f"drift_px_per_frame must be >= 0, got {cfg.drift_px_per_frame}"),
         (min(cfg.num_cells, cfg.num_particles, cfg.num_dust_rings) >= 0,
          "num_cells, num_particles and num_dust_rings must be >= 0"),
+        (cfg.num_divisions >= 0, f"num_divisions must be >= 0, got {cfg.num_divisions}"),
         (cfg.noise_std >= 0.0, f"noise_std must be >= 0, got {cfg.noise_std}"),
         (cfg.defocus_sigma_px >= 0.0, f"defocus_sigma_px must be >= 0, got {cfg.defocus_sigma_px}"),
         (cfg.bit_depth in (8, 10, 12, 16), f"bit_depth must be 8, 10, 12 or 16, got {cfg.bit_depth}"),
@@ -186,19 +233,64 @@ def low_order_aberration(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarra
     return aberration
 
 
-def _smooth_walk(rng: np.random.Generator, length: int, step_std: float, smoothing: float) -> np.ndarray:
-    """(length, 2) correlated Gaussian noise, std ``step_std``, time scale ``smoothing`` frames.
+@functools.lru_cache(maxsize=8)
+def _walk_kernel(smoothing: float) -> np.ndarray:
+    """Causal exponential filter of time scale ``smoothing`` frames, unit norm (white noise keeps its
+    variance); ``[1]`` (no filtering) for ``smoothing <= 0``. Shared between calls, so read-only."""
+    kernel = np.ones(1)
+    if smoothing > 0.0:
+        kernel = np.exp(-np.arange(int(4 * smoothing) + 1) / smoothing)
+        kernel /= np.sqrt((kernel**2).sum())
+    kernel.setflags(write=False)
+    return kernel
+
+
+def _smooth_walk(rng: np.random.Generator, length: int, step_std: float, smoothing: float,
+                 first_block: int = _WALK_BLOCK) -> Iterator[np.ndarray]:
+    """``length`` samples of correlated Gaussian noise, std ``step_std``, time scale ``smoothing`` frames,
+    as consecutive (n, 2) blocks drawn only when the caller asks for them (blocks double in length).
 
     The filter is causal, so sample t depends only on draws up to t: a longer sequence extends a
-    shorter one with the same seed instead of changing it.
+    shorter one with the same seed instead of changing it, and the blocks joined are bit for bit the
+    samples of one ``(length, 2)`` draw filtered at once (each later block is filtered together with the
+    previous ``len(kernel) - 1`` draws, and keeps only the outputs where the whole kernel overlaps).
     """
-    noise = rng.standard_normal((length, 2))
-    if smoothing <= 0.0:
-        return noise * step_std
-    kernel = np.exp(-np.arange(int(4 * smoothing) + 1) / smoothing)
-    # Unit-norm kernel keeps the per-sample variance of white noise unchanged.
-    kernel /= np.sqrt((kernel**2).sum())
-    return np.stack([np.convolve(noise[:, i], kernel)[:length] for i in range(2)], axis=1) * step_std
+    kernel = _walk_kernel(smoothing)
+    history = np.zeros((0, 2))
+    done, block = 0, max(first_block, len(kernel))
+    while done < length:
+        noise = rng.standard_normal((min(block, length - done), 2))
+        if smoothing <= 0.0:
+            yield noise * step_std
+        else:
+            padded = np.concatenate([history, noise])
+            filtered = [np.convolve(padded[:, i], kernel)[len(history):len(padded)] for i in range(2)]
+            yield np.stack(filtered, axis=1) * step_std
+            history = padded[len(padded) - len(kernel) + 1:]
+        done += len(noise)
+        block *= 2
+
+
+def _point_of_no_return(velocity: np.ndarray, low: float, high: float, step_std: float,
+                        kernel: np.ndarray) -> tuple[float, float, float] | None:
+    """``(hx, hy, d)``: once a body's position ``p`` (px) has ``hx·px + hy·py >= d``, it has left the
+    square ``(low, high)²`` (px) for good: it is so far past the square's farthest corner along its
+    drift ``velocity`` (px/frame) that its jitter brings it back with probability below
+    ``exp(-_RETURN_LOG_ODDS)``. None for a body that does not drift (it may always come back).
+
+    Its position is a random walk with drift ``|v|`` and long-run variance ``σ² = (step_std·Σkernel)²``
+    per frame, which ever climbs back a distance ``x`` with probability ``exp(-2|v|x/σ²)`` (Cox & Miller);
+    a slack of ``sqrt(2·_RETURN_LOG_ODDS·len(kernel))·σ`` covers the part of the filtered noise that is
+    not yet a plain random walk (the draws still inside the kernel).
+    """
+    speed = math.hypot(*velocity)
+    if speed == 0.0:
+        return None
+    hx, hy = float(velocity[0]) / speed, float(velocity[1]) / speed
+    farthest = hx * (high if hx > 0 else low) + hy * (high if hy > 0 else low)
+    sigma = step_std * float(kernel.sum())
+    slack = math.sqrt(2.0 * _RETURN_LOG_ODDS * len(kernel)) * sigma
+    return hx, hy, farthest + slack + _RETURN_LOG_ODDS * sigma * sigma / (2.0 * speed)
 
 
 def _arrival_frames(rng: np.random.Generator, rate: float, frames: int) -> list[int]:
@@ -217,7 +309,12 @@ def _track(rng: np.random.Generator, bound: float, birth: int, entering: bool, s
            speed: float, jitter: float, smoothing: float) -> np.ndarray | None:
     """(L, 2) float64 (x, y) positions from frame ``birth`` while the body (radius ``bound``) can be
     seen, or None if it never can. A body that is not ``entering`` starts anywhere inside the field;
-    an entering one starts just outside a border and heads inwards. Velocity does a slow random walk."""
+    an entering one starts just outside a border and heads inwards. Velocity does a slow random walk.
+
+    The walk is drawn block by block and stops once the body has left for good (:func:`_point_of_no_return`),
+    so building costs the body's lifetime, not ``frames - birth``; the positions are those of the walk
+    drawn to the end of the sequence (the same seed gives the same track either way).
+    """
     magnitude = speed * rng.uniform(0.5, 1.5)
     if entering:
         side, along = int(rng.integers(4)), rng.uniform(0.0, size)
@@ -228,11 +325,27 @@ def _track(rng: np.random.Generator, bound: float, birth: int, entering: bool, s
         start = rng.uniform(0.0, size, 2)
         heading = rng.uniform(0.0, 2.0 * math.pi)
     velocity = magnitude * np.array([math.cos(heading), math.sin(heading)])
-    steps = velocity + _smooth_walk(rng, frames - birth, jitter, smoothing)
-    steps[0] = 0.0
-    path = start + np.cumsum(steps, axis=0)
-    visible = np.flatnonzero(np.all((path > -bound) & (path < size + bound), axis=1))
-    return path[: visible[-1] + 1] if visible.size else None
+    escape = _point_of_no_return(velocity, -bound, size + bound, jitter, _walk_kernel(smoothing))
+    pieces: list[np.ndarray] = []
+    drawn, last_visible, offset = 0, -1, np.zeros((0, 2))
+    for noise in _smooth_walk(rng, frames - birth, jitter, smoothing):
+        steps = velocity + noise
+        if drawn == 0:
+            steps[0] = 0.0
+        # Carrying the last sum adds in the same order as one cumsum over the whole walk would.
+        offsets = np.cumsum(np.concatenate([offset, steps]), axis=0)[len(offset):]
+        offset = offsets[-1:]
+        path = start + offsets
+        visible = np.flatnonzero(np.all((path > -bound) & (path < size + bound), axis=1))
+        if visible.size:
+            last_visible = drawn + int(visible[-1])
+        pieces.append(path)
+        drawn += len(path)
+        if escape is not None and escape[0] * path[-1, 0] + escape[1] * path[-1, 1] >= escape[2]:
+            break
+    if last_visible < 0:
+        return None
+    return (pieces[0] if len(pieces) == 1 else np.concatenate(pieces))[: last_visible + 1].copy()
 
 
 def _tracks(streams: Iterator[tuple[int, bool, np.random.Generator]], make_body: Callable[[np.random.Generator], Any],
@@ -298,11 +411,102 @@ def _particle_phase(particle: _Particle, dy: np.ndarray, dx: np.ndarray) -> np.n
     return np.float32(particle.peak_phase) * np.sqrt(np.maximum(1.0 - r2, 0.0))
 
 
+class _InstanceMap:
+    """A frame's :attr:`SynthFrame.instances`, built object by object, and the objects measured on it."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.ids = np.zeros(shape, np.int32)
+        self._top = np.full(shape, -np.inf, np.float32)  # own phase of the object each pixel went to
+        self._boxes: dict[int, tuple[slice, slice]] = {}
+
+    def add(self, object_id: int, rows: slice, cols: slice, phase: np.ndarray, inside: np.ndarray) -> None:
+        """Object ``object_id``'s own phase (float32 rad) and inside mask (bool) on the box ``rows, cols``:
+        it takes the pixels inside it where no object added before has a larger phase."""
+        wins = inside & (phase > self._top[rows, cols])
+        np.copyto(self.ids[rows, cols], object_id, where=wins)
+        np.copyto(self._top[rows, cols], phase, where=wins)
+        self._boxes[object_id] = (rows, cols)
+
+    def measure(self, mask: np.ndarray, phase: np.ndarray, identities: dict[int, tuple[str, int]],
+                in_focus: bool) -> tuple[SynthObject, ...]:
+        """The objects that kept pixels, by id, on the frame's ``mask`` and ``phase`` (the
+        :class:`SynthFrame` maps); ``identities[object_id]`` is (kind, parent_id)."""
+        objects = []
+        for object_id in sorted(self._boxes):
+            rows, cols = self._boxes[object_id]
+            own = self.ids[rows, cols] == object_id
+            pixels = np.count_nonzero(own)
+            if not pixels:
+                continue
+            kind, parent_id = identities[object_id]
+            x = own.sum(axis=0) @ np.arange(cols.start, cols.stop) / pixels
+            y = own.sum(axis=1) @ np.arange(rows.start, rows.stop) / pixels
+            objects.append(SynthObject(
+                object_id, parent_id, kind, float(x), float(y), int(np.count_nonzero(mask[rows, cols][own] == CELL)),
+                float(phase[rows, cols][own].sum(dtype=np.float64)), in_focus))
+        return tuple(objects)
+
+
+def _divide(tracks: _Tracks, count: int, rng: np.random.Generator, size: int, frames: int,
+            cell_of: Callable[[Any], _Cell | None], with_cell: Callable[[Any, _Cell], Any],
+            ) -> tuple[_Tracks, list[int], list[tuple[int, int, int, int]]]:
+    """Let ``count`` bodies divide as :class:`Division` says (fewer if fewer can): bodies that
+    ``cell_of`` gives a cell for, at a frame after their first where their centre is in the field;
+    ``with_cell(body, cell)`` is the body with another cell. Returns the tracks, the daughters appended
+    after the others (which keep their indices), each track's parent track (-1 = none) and (frame,
+    parent, daughter, daughter) track indices per division. ``count == 0`` returns ``tracks`` as given."""
+    parents = [-1] * len(tracks.bodies)
+    if count == 0:
+        return tracks, parents, []
+    births, ends = tracks.births.tolist(), tracks.ends.tolist()
+    positions, bodies = list(tracks.positions), list(tracks.bodies)
+    candidates = {}
+    for k, path in enumerate(positions):
+        steps = np.flatnonzero(np.all((path[1:] >= 0.0) & (path[1:] < size), axis=1)) + 1
+        if steps.size and cell_of(bodies[k]) is not None:
+            candidates[k] = steps
+    divisions = []
+    chosen = sorted(rng.permutation(sorted(candidates))[:count].tolist())
+    for frame, k in sorted((births[j] + int(rng.choice(candidates[j])), j) for j in chosen):  # ids grow with time
+        step, cell, path, room = frame - births[k], cell_of(bodies[k]), positions[k], frames - ends[k]
+        positions[k], ends[k] = path[:step], frame
+        axis = rng.uniform(0.0, 2.0 * math.pi)
+        direction = np.array([math.cos(axis), math.sin(axis)])
+        daughters = []
+        for sign in (1.0, -1.0):
+            daughter = dataclasses.replace(
+                cell, radius=cell.radius / math.sqrt(2.0), elongation=rng.uniform(1.2, _MAX_ELONGATION),
+                angle=axis + 0.5 * math.pi - cell.spin * frame, harmonic_phases=rng.uniform(0.0, 2.0 * math.pi, len(_HARMONICS)),
+                nucleus_offset=tuple(rng.uniform(-0.25, 0.25, 2)))
+            tail = path[step:]
+            if room > 0 and len(tail) > 1:  # the parent left the field: carry the daughter out along its last step
+                velocity = tail[-1] - tail[-2]
+                extra = min(room, math.ceil(2.0 * daughter.bound / max(math.hypot(*velocity), 0.05)))
+                tail = np.concatenate([tail, tail[-1] + velocity * np.arange(1, extra + 1)[:, None]])
+            # Two halves, long axes across the division axis, from touching to apart (a smoothstep).
+            start = 0.8 * daughter.radius / math.sqrt(daughter.elongation)
+            progress = np.minimum(np.arange(len(tail)) / _SPLIT_FRAMES, 1.0)
+            separation = start + (daughter.bound - start) * progress * progress * (3.0 - 2.0 * progress)
+            track = tail + sign * separation[:, None] * direction
+            visible = np.flatnonzero(np.all((track > -daughter.bound) & (track < size + daughter.bound), axis=1))
+            track = track[: visible[-1] + 1]
+            births.append(frame)
+            ends.append(frame + len(track))
+            positions.append(track)
+            bodies.append(with_cell(bodies[k], daughter))
+            parents.append(k)
+            daughters.append(len(bodies) - 1)
+        divisions.append((frame, k, *daughters))
+    return _Tracks(np.asarray(births, np.int64), np.asarray(ends, np.int64), positions, bodies), parents, divisions
+
+
 class InterferogramSequence:
     """Deterministic sequence of synthetic off-axis interferograms of moving cells.
 
     ``len(seq) == cfg.frames``; ``seq.frame(i)`` renders frame i on its own (random access, no state is
-    changed, safe to call from several threads); iterating yields frames 0 … frames-1.
+    changed, safe to call from several threads); iterating yields frames 0 … frames-1. Cells are the
+    objects of the ground truth (:attr:`SynthFrame.objects`), particles are not; ``seq.divisions``
+    lists the ``cfg.num_divisions`` divisions (:class:`Division`) by frame of the parent's id.
     """
 
     def __init__(self, cfg: SynthConfig) -> None:
@@ -310,7 +514,12 @@ class InterferogramSequence:
         self.cfg = cfg
         size = cfg.size
         self._build_static_fields(np.random.default_rng([cfg.seed, 0]))
-        self._cells = self._build_cells()
+        self._cells, parents, divisions = _divide(self._build_cells(), cfg.num_divisions,
+                                                  np.random.default_rng([cfg.seed, 6]), size, cfg.frames,
+                                                  lambda cell: cell, lambda _, cell: cell)
+        self._identities = {k + 1: ("cell", parent + 1) for k, parent in enumerate(parents)}  # id = track + 1
+        self.divisions = tuple(Division(frame, parent + 1, (first + 1, second + 1))
+                               for frame, parent, first, second in divisions)
         self._particles = self._build_particles()
         self._band_kernel = (
             cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * cfg.ignore_border_px + 1,) * 2)
@@ -433,6 +642,7 @@ class InterferogramSequence:
         cell_phase = np.zeros(self._shape, np.float32)
         phase = np.zeros(self._shape, np.float32)
         inside = np.zeros(self._shape, np.uint8)
+        instances = _InstanceMap(self._shape)
         boxes = []
         for k in self._cells.active(index):
             cx, cy = self._cells.positions[k][index - self._cells.births[k]]
@@ -443,6 +653,7 @@ class InterferogramSequence:
             body_phase, body_inside = _cell_phase(self._cells.bodies[k], index, dy, dx)
             cell_phase[rows, cols] += body_phase
             inside[rows, cols] |= body_inside
+            instances.add(int(k) + 1, rows, cols, body_phase, body_inside)
             boxes.append((rows, cols))
         phase += cell_phase
         for k in self._particles.active(index):
@@ -453,7 +664,9 @@ class InterferogramSequence:
             rows, cols, dy, dx = box
             phase[rows, cols] += _particle_phase(self._particles.bodies[k], dy, dx)
             boxes.append((rows, cols))
-        return SynthFrame(index, self._record(index, phase, boxes), self._label(inside), cell_phase)
+        image, mask = self._record(index, phase, boxes), self._label(inside)
+        return SynthFrame(index, image, mask, cell_phase, instances.ids,
+                          instances.measure(mask, cell_phase, self._identities, in_focus=True))
 
     def _record(self, index: int, phase: np.ndarray, boxes: list[tuple[slice, slice]]) -> np.ndarray:
         """Phase map (H×W float32 rad) -> quantised camera frame (H×W uint8/uint16)."""
@@ -503,4 +716,5 @@ class InterferogramSequence:
             "classes": {str(k): v for k, v in CLASS_NAMES.items()},
             "cells_in_sequence": len(self._cells.bodies),
             "particles_in_sequence": len(self._particles.bodies),
+            "divisions": [dataclasses.asdict(division) for division in self.divisions],
         }

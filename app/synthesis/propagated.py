@@ -42,12 +42,15 @@ from app.synthesis.generator import (
     _TEXTURE_TILE,
     CLASS_NAMES,
     IGNORE,
+    Division,
     SynthError,
     SynthFrame,
     _arrival_frames,
     _bbox,
     _Cell,
     _cell_phase,
+    _divide,
+    _InstanceMap,
     _tracks,
     carrier_frequency,
     low_order_aberration,
@@ -77,8 +80,10 @@ RANDOM_RANGES: dict[str, Any] = {
     "aberration_rad": (0.0, 6.0),
     "illumination_sigma": (0.3, 1.5),
     "drift_px_per_frame": (0.0, 3.0),
-    "in_focus_probability": 0.4,  # share of sequences with |defocus| < 3 px
+    "in_focus_probability": 0.4,  # share of sequences with |defocus| < IN_FOCUS_PX
 }
+IN_FOCUS_PX = 3.0
+"""A sequence is in focus (ground truth ``in_focus``) when its ``|defocus_px|`` is below this."""
 _MAX_IGNORE_PX = 6
 _BACKGROUND_MISMATCH_RAD = 1.5  # largest tilt + curvature between a background and its frames
 _DEBRIS_PROBABILITY = 0.3  # share of tracked things that are sub-resolution debris (background class)
@@ -104,7 +109,7 @@ def randomized(cfg: SynthConfig) -> SynthConfig:
     radius_low = float(np.clip(period * rng.uniform(low, (low + high) / 2), 4.0, cfg.size / 8))
     radius_high = float(np.clip(period * rng.uniform((low + high) / 2, high), radius_low + 1.0, cfg.size / 5))
     near, far = cfg.defocus_range_px
-    defocus = (rng.uniform(-min(far, 3.0), min(far, 3.0)) if rng.uniform() < r["in_focus_probability"]
+    defocus = (rng.uniform(-min(far, IN_FOCUS_PX), min(far, IN_FOCUS_PX)) if rng.uniform() < r["in_focus_probability"]
                else rng.choice([-1.0, 1.0]) * rng.uniform(near, far))
     drawn = dict(
         fringe_period_px=period,
@@ -183,7 +188,9 @@ class HologramSequence:
     """Deterministic sequence of propagated off-axis holograms (same interface as the classic one).
 
     ``len(seq) == cfg.frames``; ``seq.frame(i)`` renders frame i on its own (random access, thread-safe);
-    :meth:`background` is the object-free hologram of the same set-up.
+    :meth:`background` is the object-free hologram of the same set-up. Cells, beads and organisms are
+    the objects of the ground truth (:attr:`SynthFrame.objects`; each cell of a cluster is one), debris
+    is not; ``seq.divisions`` lists the divisions (:class:`~app.synthesis.generator.Division`) of lone cells.
     """
 
     def __init__(self, cfg: SynthConfig) -> None:
@@ -195,8 +202,26 @@ class HologramSequence:
         self._shape = (size, size)
         self._dtype = np.uint8 if cfg.bit_depth == 8 else np.uint16
         self._build_optics(np.random.default_rng([cfg.seed, 0]))
-        self._groups = _tracks(self._streams(), self._random_group, size, cfg.frames, cfg.drift_px_per_frame,
-                               cfg.drift_px_per_frame * 0.3, 8.0)
+        groups = _tracks(self._streams(), self._random_group, size, cfg.frames, cfg.drift_px_per_frame,
+                         cfg.drift_px_per_frame * 0.3, 8.0)
+        self._groups, parents, divisions = _divide(
+            groups, cfg.num_divisions, np.random.default_rng([cfg.seed, 6]), size, cfg.frames,
+            lambda group: group.members[0].body if [m.kind for m in group.members] == ["cell"] else None,
+            lambda group, cell: _Group((dataclasses.replace(group.members[0], body=cell),)))
+        # Object ids count the members of the groups in order, debris (0) left out.
+        self._member_ids: list[tuple[int, ...]] = []
+        self._identities: dict[int, tuple[str, int]] = {}
+        for group, parent in zip(self._groups.bodies, parents, strict=True):
+            parent_id = self._member_ids[parent][0] if parent >= 0 else 0
+            ids = []
+            for member in group.members:
+                ids.append(0 if member.kind == "debris" else len(self._identities) + 1)
+                if ids[-1]:
+                    self._identities[ids[-1]] = (member.kind, parent_id)
+            self._member_ids.append(tuple(ids))
+        self.divisions = tuple(Division(frame, self._member_ids[parent][0],
+                                        (self._member_ids[first][0], self._member_ids[second][0]))
+                               for frame, parent, first, second in divisions)
 
     def _streams(self):
         cfg = self.cfg
@@ -304,15 +329,17 @@ class HologramSequence:
         for index in range(len(self)):
             yield self.frame(index)
 
-    def _objects(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Phase (rad), absorption and in-focus support of all objects at frame ``index`` (float32/uint8)."""
+    def _objects(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, _InstanceMap]:
+        """Phase (rad), absorption and in-focus support of all objects at frame ``index`` (float32/uint8),
+        and their instance map (debris left out)."""
         phase = np.zeros(self._shape, np.float32)
         absorption = np.zeros(self._shape, np.float32)
         inside = np.zeros(self._shape, np.uint8)
+        instances = _InstanceMap(self._shape)
         tracks = self._groups
         for k in tracks.active(index):
             cx, cy = tracks.positions[k][index - tracks.births[k]]
-            for member in tracks.bodies[k].members:
+            for member, object_id in zip(tracks.bodies[k].members, self._member_ids[k], strict=True):
                 box = _bbox(cx + member.offset[0], cy + member.offset[1], member.body.bound, self.cfg.size)
                 if box is None:
                     continue
@@ -326,7 +353,8 @@ class HologramSequence:
                 absorption[rows, cols] += np.float32(member.absorption / member.body.peak_phase) * body_phase
                 if member.kind != "debris":
                     inside[rows, cols] |= body_inside.astype(np.uint8)
-        return phase, absorption, inside
+                    instances.add(object_id, rows, cols, body_phase, body_inside)
+        return phase, absorption, inside, instances
 
     def _record(self, transmitted: np.ndarray, stream: int, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.cfg.seed, stream, index])
@@ -344,10 +372,12 @@ class HologramSequence:
         """Render frame ``index``; the same index always gives the same frame."""
         if not 0 <= index < len(self):
             raise IndexError(f"frame {index} out of range for a sequence of {len(self)} frames")
-        phase, absorption, inside = self._objects(index)
+        phase, absorption, inside, instances = self._objects(index)
         transmitted = self._illumination * np.exp(-absorption + 1j * phase).astype(np.complex64)
-        image = self._record(transmitted, 1, index)
-        return SynthFrame(index, image, self._label(inside), phase)
+        image, mask = self._record(transmitted, 1, index), self._label(inside)
+        in_focus = abs(self.cfg.defocus_px) < IN_FOCUS_PX
+        return SynthFrame(index, image, mask, phase, instances.ids,
+                          instances.measure(mask, phase, self._identities, in_focus))
 
     def background(self) -> np.ndarray:
         """The object-free hologram of this set-up (its own noise draw), as a lab records per session:
@@ -384,4 +414,5 @@ class HologramSequence:
             "objects_in_sequence": kinds,
             "clusters_in_sequence": sum(len(g.members) > 1 for g in self._groups.bodies),
             "ignore_band_px": self._ignore_px,
+            "divisions": [dataclasses.asdict(division) for division in self.divisions],
         }

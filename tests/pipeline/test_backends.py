@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.config import ModelConfig
+from app.config import ConfigError, ModelConfig
 from app.pipeline.backends import BackendError, create_backend
 from app.pipeline.backends.onnx_backend import OnnxBackend, onnx_providers
 from app.pipeline.backends.torch_backend import TorchBackend
@@ -121,13 +121,17 @@ def test_create_backend_exports_next_to_the_weights_when_missing_or_stale(tmp_pa
 
 def test_create_backend_torch(weights: Path) -> None:
     model, meta = load_checkpoint(weights)
-    backend = create_backend(ModelConfig(backend="torch", device="cpu"), model, meta, weights)
+    backend = create_backend(ModelConfig(backend="torch", device="cpu"), model, meta.in_channels, weights)
     assert isinstance(backend, TorchBackend)
 
 
 @pytest.mark.parametrize(("field", "value"), [("backend", "tensorflow"), ("precision", "int3"), ("device", "tpu")])
 def test_bad_configuration_raises_backend_error(weights: Path, field: str, value: str) -> None:
     model, meta = load_checkpoint(weights)
+    if field == "precision":  # a value the config can check is refused when the config is read
+        with pytest.raises(ConfigError, match=value):
+            ModelConfig(**{field: value})
+        return
     with pytest.raises(BackendError, match=value):
         create_backend(ModelConfig(**{field: value}), model, meta.in_channels, weights)
 

@@ -391,3 +391,80 @@ def test_throughput_counts_from_the_first_capture_and_never_exceeds_the_steady_r
     assert 0 < result.throughput_fps <= result.fps * 1.05
     assert result.throughput_fps < 1 / 0.01 * 1.05  # ten frames of a 10 ms model take at least 100 ms
     assert result.to_dict()["throughput_fps"] == result.throughput_fps
+
+
+# -- latency counts every frame from its capture ------------------------------------------------------
+
+@pytest.mark.parametrize("runner", ["threaded", "sequential"])
+def test_a_one_frame_run_reports_its_real_latency(tmp_path, runner):
+    preprocessor, worker, renderer = make_stages(SlowWarmupBackend(delay_s=0.05))
+    args = (folder_source(tmp_path, count=1), preprocessor, worker, renderer, [], pipeline_settings())
+    result = Pipeline(*args).run() if runner == "threaded" else run_sequential(*args)
+    assert result.frames == 1
+    # The model call (50 ms) counts; the 0.5 s start-up warm-up does not.
+    assert 50 <= result.latency["p50_ms"] == result.latency["p95_ms"] < 400
+
+
+def write_mixed_sizes(folder, sizes) -> None:
+    folder.mkdir()
+    for index, size in enumerate(sizes):
+        image = np.zeros((size, size), np.uint8)
+        cv2.circle(image, (size // 2, size // 2), size // 4, 200, -1)
+        assert cv2.imwrite(str(folder / f"frame{index}.png"), image)
+
+
+def test_frames_waiting_for_a_new_input_shape_to_warm_up_count_that_wait(tmp_path):
+    write_mixed_sizes(tmp_path / "frames", [32, 48] * 4)
+    source = open_source(str(tmp_path / "frames"), small_config())
+    preprocessor, worker, renderer = make_stages(SlowWarmupBackend())
+    result = Pipeline(source, preprocessor, worker, renderer, [], pipeline_settings()).run()
+    assert result.frames == 8 and len(worker.backend.warmups) == 2
+    # Frame 1 (48 px) and the frames read behind it wait for the second 0.5 s warm-up: real latency.
+    assert result.latency["p95_ms"] >= 300 and result.latency["mean_ms"] >= 100
+
+
+# -- a stage stuck in one call: the others finish, the run names it --------------------------------------
+
+class StuckOn(FakeBackend):
+    """Backend double whose call on frame ``index`` (read from the tensor) takes ``stuck_s``."""
+
+    def __init__(self, index: int, stuck_s: float) -> None:
+        super().__init__()
+        self.index, self.stuck_s = index, stuck_s
+
+    def predict(self, batch):
+        if self.index in {int(round(v)) for v in batch[:, 0, 0, 0]}:
+            time.sleep(self.stuck_s)
+        return super().predict(batch)
+
+
+def test_ctrl_c_while_inference_is_stuck_finishes_the_other_outputs_and_names_it(tmp_path):
+    from app.pipeline.runner import StageStuck
+
+    source = folder_source(tmp_path, count=12)
+    preprocessor, worker, renderer = make_stages(StuckOn(5, stuck_s=1.5), preprocessor=index_preprocessor)
+    sinks = file_sinks(tmp_path, "stuck")
+
+    class PressCtrlC:  # the display: Ctrl-C once frame 4 is on screen, while frame 5 is stuck in the model
+        def show(self, image):
+            if self.frames_shown() >= 5:
+                raise KeyboardInterrupt
+            return True
+
+        def frames_shown(self):
+            return len(list((tmp_path / "stuck_masks").glob("*.png")))
+
+    before = set(threading.enumerate())
+    start = time.perf_counter()
+    with pytest.raises(StageStuck, match=r"^inference stage failed on frame 5: did not stop within 0.3 s; "
+                                         r"left running, the other stages closed$") as caught:
+        Pipeline(source, preprocessor, worker, renderer, sinks, pipeline_settings(join_timeout_s=0.3),
+                 display=PressCtrlC()).run()
+    assert time.perf_counter() - start < 2.5
+    assert caught.value.left_running == ("inference",) and caught.value.exit_code == 130
+    assert count_video_frames(tmp_path / "stuck.mp4")[0] == len(read_gif(tmp_path / "stuck.gif")) == 5
+    assert mask_indices(tmp_path / "stuck_masks") == list(range(5))
+    assert not list(tmp_path.glob(".*partial*"))
+    alive = [thread for thread in threading.enumerate() if thread not in before and thread.name.startswith("stage ")]
+    assert [thread.name for thread in alive] == ["stage inference"]
+    alive[0].join(timeout=5)  # let the stuck call end before the next test

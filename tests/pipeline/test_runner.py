@@ -110,3 +110,21 @@ def test_a_live_source_drops_the_oldest_before_the_model_and_a_file_source_block
     assert {name: (edge.policy, edge.maxsize) for name, edge in files.edges.items()} == dict.fromkeys(
         STAGES[:-1], (EdgePolicy.BLOCK, 5))
     assert make_edges(True, settings).keys() == make_edges(False, settings).keys() == set(STAGES[:-1])
+
+
+def test_unfinished_names_the_stages_and_files_still_open(tmp_path):
+    """What a third Ctrl-C reports as left unfinished: every stage not closed yet (with its frame) and
+    the sinks' files, one by one as they are closed."""
+    write_indexed_images(tmp_path / "frames", 2, size=32)
+    first, second = RecordingSink(tmp_path / "a"), RecordingSink(tmp_path / "b")
+    preprocessor, worker, renderer = make_stages(FakeBackend())
+    pipeline = Pipeline(open_source(str(tmp_path / "frames"), small_config()), preprocessor, worker, renderer,
+                        [first, second], pipeline_settings())
+    assert pipeline.unfinished() == ["source", "preprocess", "inference", "overlay",
+                                     f"sinks ({first.path}, {second.path})"]
+    seen = []
+    second.close = lambda: seen.append(pipeline.unfinished())
+    pipeline.run_sequential()  # closes the sinks first, then the other stages
+    assert seen == [["source", "preprocess (frame 1)", "inference (frame 1)", "overlay (frame 1)",
+                     f"sinks ({second.path})"]]
+    assert pipeline.unfinished() == []

@@ -27,6 +27,7 @@ from app.pipeline.sources import (
     VideoFileSource,
     natural_key,
     open_source,
+    png_damage,
 )
 from tests.pipeline_helpers import VTEST, write_indexed_images
 
@@ -135,6 +136,8 @@ def test_camera_read_returns_end_promptly_when_stopped(monkeypatch):
 
 
 @pytest.mark.parametrize("uri, message", [
+    ("", "empty source; give a camera, file, folder, glob, URL or synthetic"),
+    ("  ", "empty source; give a camera, file, folder, glob, URL or synthetic"),
     ("foo://x", "unknown source scheme 'foo://'"),
     ("/definitely/not/here.mp4", "no such file or folder"),
     ("/definitely/not/*.png", "no images match"),
@@ -170,6 +173,28 @@ def test_video_file_reads_every_frame_and_ends_by_read_failure(tmp_path):
     assert frames[0].image.shape == (48, 64, 3)
     assert isinstance(source.read(), EndOfStream)
     assert all(b.timestamp >= a.timestamp for a, b in zip(frames, frames[1:], strict=False))
+
+
+def test_truncated_video_warns_once_how_far_it_got(tmp_path, caplog):
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    for index in range(20):
+        writer.write(np.full((48, 64, 3), index * 10, np.uint8))
+    writer.release()
+    with caplog.at_level("WARNING"), VideoFileSource(path) as source:
+        assert len(read_all(source)) == 20
+    assert "declared" not in caplog.text
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size * 6 // 10])
+    with VideoFileSource(cut) as source:
+        kept = len(read_all(source))
+    assert 0 < kept < 20
+    warnings = [r.getMessage() for r in caplog.records if "declared" in r.getMessage()]
+    assert warnings == [f"{cut}: video ended after {kept} of 20 frames declared"]
+    caplog.clear()
+    with VideoFileSource(cut, loop=True) as source:
+        assert len(read_all(source, limit=5 * kept)) == 5 * kept
+    assert sum("declared" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_video_file_loop_restarts_at_the_end(tmp_path):
@@ -328,6 +353,52 @@ def test_corrupt_image_is_skipped_and_counted_or_fatal_when_strict(tmp_path, cap
     strict = replace(Config(), source={"strict": True})
     with open_source(str(tmp_path), strict) as source, pytest.raises(SourceError, match="frame3.png"):
         read_all(source)
+
+
+def damaged_pngs(good: bytes) -> dict[str, bytes]:
+    idat = good.index(b"IDAT")
+    flipped = bytearray(good)
+    flipped[idat + 20] ^= 0xFF  # inside the compressed pixels: libpng itself complains about these
+    return {"flipped byte": bytes(flipped), "cut short": good[: len(good) // 2], "empty": b"",
+            "garbage after the signature": b"\x89PNG\r\n\x1a\n truncated garbage", "no IEND": good[:-12]}
+
+
+def test_png_damage_names_what_is_wrong(tmp_path):
+    good = write_indexed_images(tmp_path, 1)[0].read_bytes()
+    assert png_damage(good) is None
+    reasons = {kind: png_damage(data) for kind, data in damaged_pngs(good).items()}
+    assert reasons == {"flipped byte": "IDAT chunk fails its CRC", "cut short": "IDAT chunk cut short",
+                       "empty": "no PNG signature", "garbage after the signature": "no IHDR chunk after the signature",
+                       "no IEND": "cut short before the IEND chunk"}
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "cut short", "empty", "garbage after the signature",
+                                    "no IEND"])
+def test_skipped_image_leaves_a_gap_frames_after_it_keep_index_and_name(tmp_path, caplog, capfd, damage):
+    """A skipped 000003.png used to shift every later frame down by one (masks and CSV rows misnamed),
+    and libpng printed its own raw error line next to our warning."""
+    paths = write_indexed_images(tmp_path, 6)
+    paths[3].write_bytes(damaged_pngs(paths[3].read_bytes())[damage])
+    capfd.readouterr()
+    with open_source(str(tmp_path), Config()) as source:
+        frames = read_all(source)
+    assert [f.index for f in frames] == [int(f.image[0, 0]) for f in frames] == [0, 1, 2, 4, 5]
+    assert [f.name for f in frames] == ["frame0.png", "frame1.png", "frame2.png", "frame4.png", "frame5.png"]
+    assert source.frames_skipped == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "skipping unreadable image" in warnings[0] and "frame3.png" in warnings[0]
+    assert "libpng" not in capfd.readouterr().err
+
+
+def test_looping_image_sequence_keeps_counting_and_video_frames_have_no_name(tmp_path):
+    write_indexed_images(tmp_path / "images", 3)
+    with open_source(str(tmp_path / "images"), replace(Config(), source={"loop": True})) as source:
+        frames = read_all(source, limit=7)
+    assert [f.index for f in frames] == list(range(7))
+    assert [f.name for f in frames] == ["frame0.png", "frame1.png", "frame2.png"] * 2 + ["frame0.png"]
+    write_video(tmp_path / "clip.mp4", 2)
+    with open_source(str(tmp_path / "clip.mp4"), Config()) as source:
+        assert [f.name for f in read_all(source)] == [None, None]
 
 
 def test_prefetch_threads_deliver_in_order_with_bounded_look_ahead(tmp_path, monkeypatch):

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import time
+import tracemalloc
 
 import cv2
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 
 from app.config import SynthConfig
 from app.synth import main
-from app.synthesis.generator import InterferogramSequence, SynthError, carrier_frequency
+from app.synthesis.generator import InterferogramSequence, SynthError, _smooth_walk, _track, carrier_frequency
 
 
 def small(**changes) -> SynthConfig:
@@ -191,3 +194,71 @@ def test_cli_help_explains_every_option(capsys):
     # Where the physical settings live and how to get the frames in memory.
     assert "synth.fringe_period_px" in " ".join(text.split())
     assert "make_sequence" in text
+
+
+def whole_walk(rng, length, step_std, smoothing):
+    """The walk as it was drawn before blocks: all ``length`` samples at once (the oracle)."""
+    noise = rng.standard_normal((length, 2))
+    if smoothing <= 0.0:
+        return noise * step_std
+    kernel = np.exp(-np.arange(int(4 * smoothing) + 1) / smoothing)
+    kernel /= np.sqrt((kernel**2).sum())
+    return np.stack([np.convolve(noise[:, i], kernel)[:length] for i in range(2)], axis=1) * step_std
+
+
+def whole_track(rng, bound, birth, entering, size, frames, speed, jitter, smoothing):
+    """A track drawn to the end of the sequence and cut after its last visible frame (the oracle)."""
+    magnitude = speed * rng.uniform(0.5, 1.5)
+    if entering:
+        side, along = int(rng.integers(4)), rng.uniform(0.0, size)
+        start = np.array([(along, -bound), (size + bound, along), (along, size + bound), (-bound, along)][side])
+        target = rng.uniform(0.2 * size, 0.8 * size, 2)
+        heading = math.atan2(target[1] - start[1], target[0] - start[0])
+    else:
+        start = rng.uniform(0.0, size, 2)
+        heading = rng.uniform(0.0, 2.0 * math.pi)
+    steps = magnitude * np.array([math.cos(heading), math.sin(heading)]) + whole_walk(rng, frames - birth, jitter,
+                                                                                        smoothing)
+    steps[0] = 0.0
+    path = start + np.cumsum(steps, axis=0)
+    visible = np.flatnonzero(np.all((path > -bound) & (path < size + bound), axis=1))
+    return path[: visible[-1] + 1] if visible.size else None
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 8.0])
+@pytest.mark.parametrize("length", [1, 20, 33, 34, 300, 2000])
+@pytest.mark.parametrize("first_block", [1, 33, 100])
+def test_walk_drawn_in_blocks_is_the_walk_drawn_at_once(smoothing, length, first_block):
+    blocks = list(_smooth_walk(np.random.default_rng(7), length, 0.3, smoothing, first_block=first_block))
+    assert sum(len(b) for b in blocks) == length
+    np.testing.assert_array_equal(np.concatenate(blocks), whole_walk(np.random.default_rng(7), length, 0.3, smoothing))
+
+
+def test_tracks_stop_early_but_equal_tracks_drawn_to_the_end():
+    """Same seed, same sequence: a body's walk is cut once it has left for good, and the positions are
+    bit for bit those of the walk drawn to the end of the sequence (slow and fast bodies, both noises)."""
+    for k in range(300):
+        size, frames = (32, 3000) if k % 2 else (96, 400)
+        args = (4.0 + k % 7, k % 50, bool(k % 3), size, frames, [0.05, 0.3, 1.5, 4.0][k % 4])
+        noise = (args[-1] * 0.3, 8.0) if k % 5 else (0.4, 0.0)
+        new = _track(np.random.default_rng([k, 1]), *args, *noise)
+        old = whole_track(np.random.default_rng([k, 1]), *args, *noise)
+        assert (new is None) == (old is None), k
+        if new is not None:
+            np.testing.assert_array_equal(new, old, err_msg=f"body {k}")
+
+
+def test_long_sequence_builds_in_linear_time_and_memory():
+    """Walks were once drawn to the end of the sequence for every body: 20,000 frames took 3 GB."""
+    cfg = SynthConfig(size=32, frames=5000)
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        sequence = InterferogramSequence(cfg)
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 40e6, f"building {cfg.frames} frames peaked at {peak / 1e6:.0f} MB"
+    assert elapsed < 10.0
+    assert sequence.frame(cfg.frames - 1).image.shape == (32, 32)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tracemalloc
 
 import cv2
 import numpy as np
@@ -141,3 +142,15 @@ def test_randomized_sequence_written_with_background(tmp_path) -> None:
     image = cv2.imread(str(tmp_path / "r" / "images" / "000000.png"), cv2.IMREAD_UNCHANGED)
     assert background.shape == image.shape == (96, 96) and background.dtype == image.dtype
     assert json.loads((tmp_path / "r" / "meta.json").read_text())["generator"].startswith("app.synth propagated")
+
+
+def test_long_sequence_builds_in_bounded_memory() -> None:
+    """The propagated generator shares the classic one's tracks: bodies' walks end once they have left."""
+    tracemalloc.start()
+    try:
+        sequence = HologramSequence(holo(size=32, frames=5000, num_cells=8, drift_px_per_frame=1.5))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 40e6, f"building 5000 frames peaked at {peak / 1e6:.0f} MB"
+    assert sequence.frame(4999).image.shape == (32, 32)

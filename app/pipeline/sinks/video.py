@@ -10,30 +10,44 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from app.files import partial_path
-from app.pipeline.sinks.base import Rendered, SinkError, SinkSpec, prepare_output
+from app.errors import EXIT_FAILURE
+from app.files import commit, discard, prepare, require_space
+from app.pipeline.sinks.base import Rendered, SinkError, SinkSpec, sink_errors
 
 if TYPE_CHECKING:
     from app.config import OutputConfig
 
 VIDEO_FOURCCS = ("mp4v", "avc1", "MJPG", "XVID")
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv")
+INDEX_BYTES_PER_FRAME = 32
+"""Room kept free per frame written, for the index ``release()`` writes last (the MP4 ``moov`` atom)."""
+
 
 class VideoSink:
     """Overlays -> a video file via cv2.VideoWriter, trying ``fourccs`` in order (mp4v first).
 
-    Opened at the first frame (its size fixes the video size; later frames of another size are
-    resized). Raises :class:`SinkError` when no codec opens.
+    The path is checked when the sink is made (a regular file with a video extension, room on the
+    disk); the writer opens at the first frame (its size fixes the video size; later frames of another
+    size are resized). Writing stops with :class:`SinkError` before the disk is full (keeping room for
+a key frame and the index, so the file can still be finished); ``close()``
+    reopens the finished file and checks every frame is there before renaming it into place (OpenCV
+    reports no write error itself). Raises :class:`SinkError` when no codec opens.
     """
 
     def __init__(self, path: str | Path, fps: float = 25.0, fourccs: Sequence[str] = VIDEO_FOURCCS) -> None:
-        self.path = prepare_output(path)
+        self.output = SPEC.check(path)
+        self.path = self.output.name
+        with sink_errors():
+            prepare(self.output)
         self.fps = fps if fps > 0 else 25.0
         self.fourccs = tuple(fourccs)
         self.fourcc: str | None = None
         self.frames = 0
-        self._partial = partial_path(self.path)
+        self._partial = self.output.partial
         self._writer: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None
+        self._bytes = 0
+        self._largest_step = 0
         self._closed = False
 
     def _open(self, size: tuple[int, int]) -> cv2.VideoWriter:
@@ -51,6 +65,8 @@ class VideoSink:
 
     def write_image(self, image: np.ndarray) -> None:
         """Append one H×W×3 uint8 BGR image."""
+        with sink_errors():
+            require_space(self.output.target.parent, self._room_needed(), name=self.path, exit_code=EXIT_FAILURE)
         if self._writer is None:
             self._size = (image.shape[1], image.shape[0])
             self._writer = self._open(self._size)
@@ -59,19 +75,51 @@ class VideoSink:
         self._writer.write(image)
         self.frames += 1
 
+    def _room_needed(self) -> int:
+        """Bytes to keep free before the next frame: the index for every frame, plus twice the largest
+        step the file has grown by so far (a key frame, or the encoder's buffer being written out)."""
+        if self._writer is not None:
+            size = os.stat(self._partial).st_size
+            self._largest_step = max(self._largest_step, size - self._bytes)
+            self._bytes = size
+        return INDEX_BYTES_PER_FRAME * (self.frames + 1) + 2 * self._largest_step
+
     def close(self) -> None:
+        """Finish the file: release the writer, check it reads back, rename it into place; with no
+        frame written, leave nothing. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None:
-            self._writer.release()
-            if self.frames:
-                os.replace(self._partial, self.path)
-        self._partial.unlink(missing_ok=True)
+        if self._writer is None:
+            return
+        self._writer.release()
+        if not self.frames:
+            discard(self.output)
+            return
+        with sink_errors():
+            commit(self.output, verify=self._reads_back)
+
+    def _reads_back(self, partial: Path) -> str | None:
+        """What is wrong with the finished temporary file, or None: it opens, holds every frame, and
+        its last frame decodes."""
+        capture = cv2.VideoCapture(str(partial))
+        try:
+            if not capture.isOpened():
+                return "the finished video cannot be read back"
+            count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+            if count != self.frames:
+                return f"{count} of {self.frames} frames can be read back"
+            capture.set(cv2.CAP_PROP_POS_FRAMES, count - 1)
+            if not capture.read()[0]:
+                return "its last frame cannot be decoded"
+            return None
+        finally:
+            capture.release()
 
 
 def _open(path: str | Path, output: OutputConfig, class_names: Sequence[str]) -> VideoSink:
     return VideoSink(path, output.video_fps)
 
 
-SPEC = SinkSpec("video", "--out", "FILE.mp4", "write the overlay video", _open, "bench.mp4")
+SPEC = SinkSpec("video", "--out", "FILE.mp4", "write the overlay video (.mp4, .m4v, .mov, .avi or .mkv)",
+                _open, "bench.mp4", suffixes=VIDEO_SUFFIXES)

@@ -1,0 +1,97 @@
+"""Numbers per cell, live: each frame's label map (and hologram phase) -> objects with persistent track
+ids, events, and frame totals. Runs in the overlay stage, in frame order, so the overlay can draw the
+ids and the sinks (``--objects``, ``--tracks``, ``--events``, ``--plots``) write what it measured.
+
+The phase comes from the hologram stage (:attr:`app.pipeline.frames.Frame.phase`: wrapped, H×W
+float32 rad, background ≈ 0). Its sign depends on the microscope's geometry, but a cell always delays
+the light (its refractive index is above the medium's), so the sign is fixed once per run from the
+first frame with objects: the one that makes their mean phase positive. Objects whose phase nears ±π
+are unwrapped inside their box (:func:`app.pipeline.objects.unwrap_in_box`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.config import ObjectsConfig, OpticsConfig
+from app.pipeline.frames import Frame
+from app.pipeline.objects import FrameObjects, ObjectMeasurer
+from app.pipeline.tracking import FrameTracks, Tracker, TrackSummary
+
+
+@dataclass(frozen=True, eq=False)
+class FrameReadout:
+    """One frame's read-out. ``time_s``: since the first frame (source frame rate for recorded
+    sources, capture clock for live ones); ``confluence``: fraction of the frame covered by objects;
+    ``total_dry_mass_pg``: sum over the objects, None without phase."""
+
+    frame: int
+    time_s: float
+    objects: FrameObjects
+    tracks: FrameTracks
+    confluence: float
+    total_dry_mass_pg: float | None
+    run: ReadOut | None = None  # the read-out that made it (its tracker's summaries, for --tracks)
+
+
+class ReadOut:
+    """Label maps (+ phase) of one run, in frame order -> :class:`FrameReadout`. One per run (it holds
+    the tracker); used from one thread.
+
+    ``classes``: the model's object classes (1..K-1); ``fps``: the source's frame rate when recorded
+    (frame times are index / fps), None for live sources (capture clock).
+    """
+
+    def __init__(self, optics: OpticsConfig, settings: ObjectsConfig, classes: Sequence[int] | None = None,
+                 fps: float | None = None) -> None:
+        self.optics = optics
+        self.settings = settings
+        self.fps = fps if fps and fps > 0 else None
+        self.measurer = ObjectMeasurer(optics, settings.min_area_px, classes, unwrap=True)
+        self.tracker = Tracker(settings.max_link_distance_px, settings.max_gap_frames)
+        self.phase_sign: float | None = None
+        self._t0: float | None = None
+        self._first_index: int | None = None
+        self._last = (0, 0.0)  # frames since the first, seconds since the first
+
+    def _time_s(self, frame: Frame) -> float:
+        if self._first_index is None:
+            self._first_index, self._t0 = frame.index, frame.timestamp
+        if self.fps is not None:
+            return (frame.index - self._first_index) / self.fps
+        return frame.timestamp - (self._t0 or 0.0)
+
+    def _measure(self, labels: np.ndarray, phase: np.ndarray | None) -> FrameObjects:
+        if phase is None:
+            return self.measurer(labels)
+        if self.phase_sign is None:
+            objects = self.measurer(labels, phase)
+            if not len(objects):
+                return objects
+            self.phase_sign = 1.0 if float(np.sum(objects.integrated_phase_rad_px)) >= 0 else -1.0
+            if self.phase_sign > 0:
+                return objects
+        return self.measurer(labels, phase if self.phase_sign > 0 else np.negative(phase))
+
+    def __call__(self, frame: Frame, labels: np.ndarray) -> FrameReadout:
+        time_s = self._time_s(frame)
+        self._last = (frame.index - (self._first_index or 0), time_s)
+        objects = self._measure(labels, frame.phase)
+        tracks = self.tracker.update(objects, frame.index)
+        covered = float(np.sum(objects.area_px)) / labels.size if len(objects) else 0.0
+        total = float(np.sum(objects.dry_mass_pg)) if objects.dry_mass_pg is not None else None
+        return FrameReadout(frame.index, time_s, objects, tracks, covered, total, self)
+
+    @property
+    def frame_rate(self) -> float:
+        """Frames per second of the frame times: the source's rate, or for live sources the rate
+        measured over the run so far (1 before two frames)."""
+        frames, seconds = self._last
+        return self.fps or (frames / seconds if frames and seconds > 0 else 1.0)
+
+    def summaries(self) -> list[TrackSummary]:
+        """Every track of the run so far, speeds in µm/s at :attr:`frame_rate`."""
+        return self.tracker.summaries(self.frame_rate, self.optics.pixel_size_um)

@@ -1,0 +1,155 @@
+"""How well the object read-out matches the generator's ground truth: tracking (MOTA, ID switches per
+100 object-frames), dry mass (median relative error, in focus and defocused) and divisions.
+
+    python -m benchmarks.readout_accuracy [--frames 200] [--size 256] [--seed 4100] [--json FILE]
+
+Writes held-out randomised sequences with :mod:`app.synth` (seeds never used for training), replays
+them with ``app.replay --objects --events`` and the shipped weights, and compares
+``objects.csv``/``meta.json`` (truth) with what the run wrote. Ground-truth objects are matched to
+measured ones by centroid (within ``--match-px``), frame by frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from app.cli import Parser, main_of
+from app.errors import EXIT_OK
+from app.files import write_text
+from app.training.tracking_metrics import mot_from_centroids
+
+_DEFAULT_SETTINGS = ("synth.num_cells=6", "synth.drift_px_per_frame=1.0")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _run(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:2])} failed: {result.stderr.strip().splitlines()[-1:]}")
+
+
+def evaluate_sequence(folder: Path, out: Path, weights: str, match_px: float, optics: dict[str, float]) -> dict[str, Any]:
+    """Replay one written sequence and compare its read-out with the truth beside it."""
+    settings = [arg for key, value in optics.items() for arg in ("--set", f"optics.{key}={value}")]
+    background = ["--background", str(folder / "background.png")] if (folder / "background.png").is_file() else []
+    _run(["app.replay", str(folder), "--weights", weights, *background, "--objects", str(out / "objects.csv"),
+          "--events", str(out / "events.jsonl"), "-q", *settings])
+    truth = _read_csv(folder / "objects.csv")
+    measured = _read_csv(out / "objects.csv")
+    frames = sorted({int(row["frame"]) for row in truth})
+    gt_by_frame: dict[int, dict[int, tuple[float, float]]] = defaultdict(dict)
+    truth_rows: dict[tuple[int, int], dict[str, str]] = {}
+    for row in truth:
+        if int(row["area_px"]) == 0:
+            continue
+        gt_by_frame[int(row["frame"])][int(row["object_id"])] = (float(row["x_px"]), float(row["y_px"]))
+        truth_rows[(int(row["frame"]), int(row["object_id"]))] = row
+    tr_by_frame: dict[int, dict[int, tuple[float, float]]] = defaultdict(dict)
+    measured_rows: dict[tuple[int, int], dict[str, str]] = {}
+    for row in measured:
+        tr_by_frame[int(row["frame"])][int(row["track_id"])] = (float(row["centroid_x_px"]), float(row["centroid_y_px"]))
+        measured_rows[(int(row["frame"]), int(row["track_id"]))] = row
+    mot = mot_from_centroids([gt_by_frame[f] for f in frames], [tr_by_frame[f] for f in frames], match_px)
+    errors: dict[str, list[float]] = {"in_focus": [], "defocused": []}
+    pixel_area = optics["pixel_size_um"] ** 2
+    scale = optics["wavelength_nm"] * 1e-3 / (2 * np.pi) * pixel_area / optics["refraction_increment_ml_per_g"]
+    for frame in frames:
+        gt, tr = gt_by_frame[frame], tr_by_frame[frame]
+        if not gt or not tr:
+            continue
+        gt_ids, tr_ids = list(gt), list(tr)
+        cost = np.array([[np.hypot(gt[g][0] - tr[t][0], gt[g][1] - tr[t][1]) for t in tr_ids] for g in gt_ids])
+        for i, j in zip(*linear_sum_assignment(cost), strict=True):
+            if cost[i, j] > match_px:
+                continue
+            truth_row = truth_rows[(frame, gt_ids[i])]
+            mass = measured_rows[(frame, tr_ids[j])]["dry_mass_pg"]
+            if not mass:
+                continue
+            true_mass = float(truth_row["integrated_phase_rad_px"]) * scale
+            if true_mass > 0:
+                key = "in_focus" if truth_row["in_focus"] == "1" else "defocused"
+                errors[key].append(abs(float(mass) - true_mass) / true_mass)
+    meta = json.loads((folder / "meta.json").read_text())
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()] \
+        if (out / "events.jsonl").is_file() else []
+    return {"mota": mot.mota, "id_switches": mot.id_switches, "object_frames": mot.ground_truth_objects,
+            "false_negatives": mot.false_negatives, "false_positives": mot.false_positives,
+            "dry_mass_errors": errors, "divisions_true": len(meta.get("divisions", [])),
+            "divide_events": sum(1 for e in events if e["event"] == "divide")}
+
+
+def run(args: argparse.Namespace) -> int:
+    optics = {"pixel_size_um": 0.5, "wavelength_nm": 633.0, "refraction_increment_ml_per_g": 0.19}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cellseg-readout-") as scratch:
+        for k in range(args.sequences):
+            folder, out = Path(scratch) / f"seq{k}", Path(scratch) / f"out{k}"
+            out.mkdir()
+            settings = [arg for item in (*_DEFAULT_SETTINGS, f"synth.num_divisions={args.divisions}", *args.set)
+                        for arg in ("--set", item)]
+            _run(["app.synth", "--out", str(folder), "--frames", str(args.frames), "--size", str(args.size),
+                  "--seed", str(args.seed + k), *(["--randomize"] if args.randomize else []), *settings])
+            result = evaluate_sequence(folder, out, args.weights, args.match_px, optics)
+            results.append(result)
+            print(f"sequence {k}: MOTA {result['mota']:.3f}, {result['id_switches']} ID switches in "
+                  f"{result['object_frames']} object-frames", file=sys.stderr)
+    object_frames = sum(r["object_frames"] for r in results)
+    switches = sum(r["id_switches"] for r in results)
+    in_focus = [e for r in results for e in r["dry_mass_errors"]["in_focus"]]
+    defocused = [e for r in results for e in r["dry_mass_errors"]["defocused"]]
+    summary = {
+        "command": "python -m benchmarks.readout_accuracy " + " ".join(sys.argv[1:]),
+        "mota_mean": statistics.fmean(r["mota"] for r in results),
+        "id_switches_per_100_object_frames": 100.0 * switches / object_frames if object_frames else None,
+        "dry_mass_median_relative_error_in_focus": statistics.median(in_focus) if in_focus else None,
+        "dry_mass_median_relative_error_defocused": statistics.median(defocused) if defocused else None,
+        "dry_mass_matches": {"in_focus": len(in_focus), "defocused": len(defocused)},
+        "divisions_true": sum(r["divisions_true"] for r in results),
+        "divide_events": sum(r["divide_events"] for r in results),
+        "sequences": results,
+    }
+    text = json.dumps(summary, indent=2)
+    if args.json:
+        write_text(args.json, text + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "sequences"}, indent=2))
+    return EXIT_OK
+
+
+def _parser() -> Parser:
+    parser = Parser(prog="python -m benchmarks.readout_accuracy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=200)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=4100, help="first seed (held out: training used others)")
+    parser.add_argument("--sequences", type=int, default=1)
+    parser.add_argument("--divisions", type=int, default=1, help="synth.num_divisions per sequence")
+    parser.add_argument("--randomize", action="store_true", help="randomised optics (propagated generator)")
+    parser.add_argument("--weights", default="weights/icnet_interferogram.pt")
+    parser.add_argument("--match-px", type=float, default=8.0, help="centroid distance that counts as a match")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more synth settings")
+    parser.add_argument("--json", type=Path, help="write the full result here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_of("benchmarks.readout_accuracy", _parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

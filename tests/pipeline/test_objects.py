@@ -1,0 +1,175 @@
+"""Objects per frame: shape against scikit-image's regionprops, dry mass against a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from app.config import ConfigError
+from app.config import OpticsConfig as Optics
+from app.errors import AppError
+from app.pipeline.objects import FrameObjects, ObjectMeasurer, ObjectsError
+
+measure = pytest.importorskip("skimage.measure")
+
+
+def random_label_map(seed: int, size: int = 256, count: int = 25, classes: int = 2) -> np.ndarray:
+    """Ellipses of random size, angle and class, some touching or overlapping, some cut by the border,
+    a ring (a component with a hole) holding a dot, and a few single pixels."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((size, size), np.uint8)
+    for _ in range(count):
+        centre = (int(rng.integers(-5, size + 5)), int(rng.integers(-5, size + 5)))
+        axes = (int(rng.integers(2, 20)), int(rng.integers(2, 20)))
+        cv2.ellipse(labels, centre, axes, float(rng.uniform(0, 180)), 0, 360, int(rng.integers(1, classes + 1)), -1)
+    cv2.circle(labels, (size // 2, size // 2), 20, 1, 4)
+    labels[size // 2, size // 2] = 2
+    labels[rng.integers(0, size, 5), rng.integers(0, size, 5)] = 1
+    return labels
+
+
+def skimage_objects(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """Rows (class, area, x, y, eccentricity, equivalent diameter) from regionprops, sorted by class, y, x."""
+    rows = []
+    for class_id in range(1, 255):
+        for region in measure.regionprops(measure.label(labels == class_id, connectivity=2)):
+            if region.area >= min_area:
+                rows.append((class_id, region.area, region.centroid[1], region.centroid[0], region.eccentricity,
+                             region.equivalent_diameter_area))
+    return np.array(sorted(rows, key=lambda r: (r[0], r[3], r[2])))
+
+
+def our_objects(objects: FrameObjects) -> np.ndarray:
+    rows = zip(objects.class_id, objects.area_px, objects.centroid_xy[:, 0], objects.centroid_xy[:, 1],
+               objects.eccentricity, objects.equivalent_diameter_px, strict=True)
+    return np.array(sorted(rows, key=lambda r: (r[0], r[3], r[2])), np.float64)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("min_area", [1, 30])
+def test_shape_matches_regionprops(seed: int, min_area: int):
+    labels = random_label_map(seed)
+    objects = ObjectMeasurer(min_area_px=min_area)(labels)
+    expected = skimage_objects(labels, min_area)
+    assert len(objects) == len(expected) > 5
+    np.testing.assert_allclose(our_objects(objects), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_boxes_and_component_image_describe_each_object():
+    labels = random_label_map(7)
+    objects = ObjectMeasurer(min_area_px=1)(labels)
+    for k in range(len(objects)):
+        mask = objects.mask(k)
+        rows, cols = np.nonzero(mask)
+        x, y, w, h = objects.bbox[k]
+        assert (x, y, w, h) == (cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1)
+        assert mask.sum() == objects.area_px[k]
+        assert np.all(labels[mask] == objects.class_id[k])
+        box, inside = objects.box_mask(k)
+        assert inside.sum() == objects.area_px[k] and mask[box].sum() == objects.area_px[k]
+    assert objects.components.dtype == np.int32 and objects.components.max() <= objects.component_count
+    assert len(set(objects.component_id.tolist())) == len(objects)
+
+
+def test_units_follow_the_pixel_size():
+    labels = np.zeros((64, 64), np.uint8)
+    labels[10:20, 30:50] = 1  # 10 rows × 20 columns
+    objects = ObjectMeasurer(Optics(pixel_size_um=0.5))(labels)
+    assert objects.area_px.tolist() == [200]
+    np.testing.assert_allclose(objects.area_um2, [50.0])
+    np.testing.assert_allclose(objects.centroid_xy, [[39.5, 14.5]])
+    np.testing.assert_allclose(objects.equivalent_diameter_um, [0.5 * math.sqrt(800 / math.pi)])
+    assert objects.bbox.tolist() == [[30, 10, 20, 10]]
+
+
+def test_dry_mass_of_a_disc_of_known_phase():
+    optics = Optics(pixel_size_um=0.25, wavelength_nm=532.0, refractive_index_difference=0.04,
+                    refraction_increment_ml_per_g=0.2)
+    labels = np.zeros((128, 128), np.uint8)
+    cv2.circle(labels, (60, 70), 25, 1, -1)
+    phase = np.where(labels == 1, 1.5, 0.0).astype(np.float32)
+    objects = ObjectMeasurer(optics)(labels, phase)
+    area = int((labels == 1).sum())
+    opd_um = 1.5 * 0.532 / (2 * math.pi)
+    dry_mass_pg = area * opd_um * 0.25**2 / 0.2  # Σ OPD · pixel area / α: µm · µm² / (µm³/pg)
+    np.testing.assert_allclose(objects.mean_phase_rad, [1.5], rtol=1e-6)
+    np.testing.assert_allclose(objects.integrated_phase_rad_px, [1.5 * area], rtol=1e-6)
+    np.testing.assert_allclose(objects.mean_opd_um, [opd_um], rtol=1e-6)
+    np.testing.assert_allclose(objects.mean_thickness_um, [opd_um / 0.04], rtol=1e-6)
+    np.testing.assert_allclose(objects.dry_mass_pg, [dry_mass_pg], rtol=1e-6)
+
+
+def test_phase_sums_stay_inside_each_object():
+    rng = np.random.default_rng(3)
+    labels = random_label_map(3)
+    phase = rng.normal(0.0, 1.0, labels.shape)
+    objects = ObjectMeasurer(min_area_px=1)(labels, phase)
+    expected = [phase[objects.mask(k)].sum() for k in range(len(objects))]
+    np.testing.assert_allclose(objects.integrated_phase_rad_px, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_background_and_ignore_label_are_not_objects():
+    labels = np.zeros((32, 32), np.uint8)
+    labels[:, :4] = 255
+    assert len(ObjectMeasurer()(labels)) == 0
+    labels[10:20, 10:20] = 3
+    objects = ObjectMeasurer(min_area_px=1)(labels)
+    assert objects.class_id.tolist() == [3]
+    assert len(ObjectMeasurer(min_area_px=1, classes=(1, 2))(labels)) == 0
+
+
+def test_empty_frame_gives_empty_arrays_and_records():
+    objects = ObjectMeasurer()(np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.float32))
+    assert len(objects) == 0 and objects.records() == []
+    assert objects.centroid_xy.shape == (0, 2) and objects.bbox.shape == (0, 4)
+    assert objects.dry_mass_pg is not None and objects.dry_mass_pg.shape == (0,)
+
+
+def test_records_are_plain_values_with_phase_columns_only_when_measured():
+    labels = np.zeros((32, 32), np.uint8)
+    labels[2:8, 2:8] = 1
+    plain = ObjectMeasurer()(labels).records()
+    assert "dry_mass_pg" not in plain[0] and plain[0]["area_px"] == 36 and type(plain[0]["area_px"]) is int
+    with_phase = ObjectMeasurer()(labels, np.ones((32, 32), np.float32)).records()
+    assert with_phase[0]["mean_phase_rad"] == pytest.approx(1.0) and type(with_phase[0]["dry_mass_pg"]) is float
+
+
+@pytest.mark.parametrize("field", ["pixel_size_um", "wavelength_nm", "refractive_index_difference",
+                                   "refraction_increment_ml_per_g"])
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf")])
+def test_optics_rejects_non_positive_values_in_one_line(field: str, value: float):
+    with pytest.raises(ConfigError, match=f"optics.{field} must be a number > 0") as caught:
+        Optics(**{field: value})
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, AppError)
+    assert "\n" not in str(caught.value)
+
+
+def test_bad_inputs_are_refused():
+    measurer = ObjectMeasurer()
+    with pytest.raises(ObjectsError, match="uint8 class map"):
+        measurer(np.zeros((8, 8), np.int32))
+    with pytest.raises(ObjectsError, match="uint8 class map"):
+        measurer(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ObjectsError, match="must match the label map"):
+        measurer(np.zeros((8, 8), np.uint8), np.zeros((8, 9), np.float32))
+    with pytest.raises(ObjectsError, match="min_area_px"):
+        ObjectMeasurer(min_area_px=0)
+    with pytest.raises(ObjectsError, match="object classes"):
+        ObjectMeasurer(classes=(0, 1))
+
+
+def test_a_phase_dome_above_pi_is_unwrapped_inside_the_object():
+    yy, xx = np.mgrid[:128, :128]
+    radius = np.hypot(xx - 64, yy - 60)
+    true = np.where(radius < 30, 5.0 * np.sqrt(np.clip(1 - (radius / 30) ** 2, 0, 1)), 0).astype(np.float32)
+    wrapped = np.angle(np.exp(1j * true)).astype(np.float32)
+    labels = (radius < 30).astype(np.uint8)
+    assert ObjectMeasurer()(labels, wrapped).integrated_phase_rad_px[0] < 0.2 * true.sum()  # wrapping hides mass
+    unwrapped = ObjectMeasurer(unwrap=True)(labels, wrapped).integrated_phase_rad_px[0]
+    np.testing.assert_allclose(unwrapped, true[labels > 0].sum(), rtol=1e-4)
+    small = np.clip(true, 0, 2.0)  # below the wrap risk the phase is used as it is
+    np.testing.assert_allclose(ObjectMeasurer(unwrap=True)(labels, small).integrated_phase_rad_px[0],
+                               small[labels > 0].sum(), rtol=1e-6)

@@ -1,0 +1,119 @@
+"""The object read-out and its outputs: objects, tracks, events and plots from moving discs of known phase."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from app.config import ObjectsConfig, OpticsConfig
+from app.pipeline.frames import Frame, SourceInfo
+from app.pipeline.readout import ReadOut
+from app.pipeline.sinks import SINKS, Rendered, open_sinks
+from app.pipeline.sinks.objects import COLUMNS as OBJECT_COLUMNS
+from app.pipeline.sinks.plots import PLOTS
+from app.pipeline.sinks.tracks import COLUMNS as TRACK_COLUMNS
+
+INFO = SourceInfo("test", "images", live=False, fps=10.0)
+OPTICS = OpticsConfig(pixel_size_um=0.5, wavelength_nm=633.0, refractive_index_difference=0.03,
+                      refraction_increment_ml_per_g=0.19)
+PEAK_RAD = 1.5
+
+
+def disc_frame(index: int, centres: list[tuple[float, float]], sign: float = 1.0, size: int = 128) -> tuple[Frame, np.ndarray]:
+    """A frame whose phase holds flat discs of PEAK_RAD (times ``sign``) and their label map."""
+    labels = np.zeros((size, size), np.uint8)
+    for x, y in centres:
+        cv2.circle(labels, (round(x), round(y)), 9, 1, cv2.FILLED)
+    phase = np.where(labels > 0, sign * PEAK_RAD, 0.0).astype(np.float32)
+    frame = Frame(index, float(index), np.zeros((size, size), np.uint8), INFO, phase=phase)
+    return frame, labels
+
+
+def run_discs(readout: ReadOut, frames: int = 12, sign: float = 1.0) -> list[Rendered]:
+    items = []
+    for index in range(frames):
+        centres = [(20 + 2 * index, 30), (90, 40 + 3 * index)]
+        frame, labels = disc_frame(index, centres, sign)
+        items.append(Rendered(frame, labels, np.zeros((*labels.shape, 3), np.uint8), 1.0, readout(frame, labels)))
+    return items
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_dry_mass_is_positive_whatever_the_phase_sign(sign):
+    readout = ReadOut(OPTICS, ObjectsConfig(), classes=[1], fps=10.0)
+    last = run_discs(readout, sign=sign)[-1].readout
+    area = last.objects.area_px[0]
+    expected = PEAK_RAD * area * OPTICS.opd_um_per_rad * OPTICS.pixel_area_um2 / OPTICS.refraction_increment_ml_per_g
+    np.testing.assert_allclose(last.objects.dry_mass_pg[0], expected, rtol=1e-5)
+    assert readout.phase_sign == sign
+    assert last.total_dry_mass_pg == pytest.approx(float(np.sum(last.objects.dry_mass_pg)))
+
+
+def test_tracks_keep_their_ids_and_frame_times_follow_the_source_rate():
+    readout = ReadOut(OPTICS, ObjectsConfig(), classes=[1], fps=10.0)
+    items = run_discs(readout)
+    assert [item.readout.tracks.track_ids.tolist() for item in items] == [[1, 2]] * len(items)
+    assert items[5].readout.time_s == pytest.approx(0.5)
+    summaries = {s.track_id: s for s in readout.summaries()}
+    # track 1 moves 2 px a frame: 2 px × 0.5 µm × 10 frames/s = 10 µm/s
+    assert summaries[1].mean_speed_um_per_s == pytest.approx(10.0, rel=0.05)
+    assert summaries[2].mean_speed_um_per_s == pytest.approx(15.0, rel=0.05)
+
+
+def test_object_track_event_and_plot_outputs(tmp_path):
+    from app.config import OutputConfig
+
+    output = OutputConfig(objects=str(tmp_path / "objects.csv"), tracks=str(tmp_path / "tracks.csv"),
+                          events=str(tmp_path / "events.jsonl"), plots_dir=str(tmp_path / "plots"))
+    sinks = open_sinks(output, ["background", "cell"])
+    readout = ReadOut(OPTICS, ObjectsConfig(), classes=[1], fps=10.0)
+    for item in run_discs(readout):
+        for sink in sinks:
+            sink.write(item)
+    for sink in sinks:
+        sink.close()
+    with (tmp_path / "objects.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == OBJECT_COLUMNS
+    assert {"area_um2", "dry_mass_pg", "time_s", "mean_opd_um"} <= set(rows[0])
+    assert len(rows) == 24 and rows[0]["class"] == "cell" and float(rows[-1]["time_s"]) == pytest.approx(1.1)
+    assert all(float(row["dry_mass_pg"]) > 0 for row in rows)
+    with (tmp_path / "tracks.csv").open() as handle:
+        tracks = list(csv.DictReader(handle))
+    assert tuple(tracks[0]) == TRACK_COLUMNS and [row["track_id"] for row in tracks] == ["1", "2"]
+    assert float(tracks[0]["mean_speed_um_per_s"]) == pytest.approx(10.0, rel=0.05)
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["started"]) for e in events] == [("enter", [1]), ("enter", [2])]
+    for name in PLOTS:
+        image = cv2.imread(str(tmp_path / "plots" / name))
+        assert image is not None and image.shape[0] > 200 and image.std() > 5, name
+
+
+def test_read_out_sinks_refuse_a_run_that_does_not_measure(tmp_path):
+    from app.pipeline.sinks import SinkError
+
+    readout_sinks = [name for name, spec in SINKS.items() if spec.readout]
+    assert set(readout_sinks) == {"objects", "tracks", "events", "plots"}
+    from app.config import OutputConfig
+
+    sink = open_sinks(OutputConfig(objects=str(tmp_path / "o.csv")), ["background", "cell"])[0]
+    frame, labels = disc_frame(0, [(30, 30)])
+    with pytest.raises(SinkError, match="needs the object read-out"):
+        sink.write(Rendered(frame, labels, np.zeros((*labels.shape, 3), np.uint8), 1.0))
+    sink.close()
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_speeds_of_a_live_source_come_from_the_capture_clock():
+    readout = ReadOut(OPTICS, ObjectsConfig(), classes=[1], fps=None)
+    for index in range(6):
+        frame, labels = disc_frame(index, [(20 + 2 * index, 30)])
+        readout(Frame(index, 100.0 + index * 0.05, frame.image, INFO, phase=frame.phase), labels)
+    assert readout.frame_rate == pytest.approx(20.0)
+    assert readout.summaries()[0].mean_speed_um_per_s == pytest.approx(2 * 0.5 * 20.0, rel=0.05)
+    assert math.isfinite(readout.summaries()[0].dry_mass_change_pg)

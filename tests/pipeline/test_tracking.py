@@ -1,0 +1,224 @@
+"""Online tracker on synthetic moving discs drawn with cv2.circle into label maps."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from app.pipeline.objects import FrameObjects, ObjectMeasurer
+from app.pipeline.tracking import DIVIDE, ENTER, LEAVE, MERGE, Tracker, TrackingError, overlap_areas
+from app.training.tracking_metrics import mot_from_centroids
+
+SIZE = 256
+MEASURE = ObjectMeasurer(min_area_px=5)
+
+
+def objects_of(discs: dict[str, tuple[float, float, float]], size: int = SIZE,
+               phase_per_disc: dict[str, float] | None = None) -> FrameObjects:
+    """Discs ``{name: (x, y, radius)}`` (px) as one frame's objects; optional uniform phase per disc (rad)."""
+    labels = np.zeros((size, size), np.uint8)
+    phase = np.zeros((size, size), np.float32) if phase_per_disc is not None else None
+    for name, (x, y, radius) in discs.items():
+        cv2.circle(labels, (round(x), round(y)), round(radius), 1, -1)
+        if phase is not None:
+            cv2.circle(phase, (round(x), round(y)), round(radius), float(phase_per_disc[name]), -1)
+    return MEASURE(labels, phase)
+
+
+def id_of(objects: FrameObjects, ids: np.ndarray, x: float, y: float) -> int:
+    """Track id of the object whose centroid is nearest (x, y)."""
+    return int(ids[np.argmin(np.hypot(*(objects.centroid_xy - (x, y)).T))])
+
+
+def run(tracker: Tracker, frames: list[dict[str, tuple[float, float, float]]]):
+    """Track the frames; return, per frame, ``{disc name: track id}`` and all events."""
+    names, events = [], []
+    for index, discs in enumerate(frames):
+        objects = objects_of(discs)
+        result = tracker.update(objects, index)
+        assert len(result.track_ids) == len(objects) == len(discs)
+        names.append({name: id_of(objects, result.track_ids, x, y) for name, (x, y, _) in discs.items()})
+        events.extend(result.events)
+    return names, events
+
+
+def moving_discs(frames: int, absent: dict[str, range] | None = None) -> list[dict[str, tuple[float, float, float]]]:
+    absent = absent or {}
+    starts = {"a": (40.0, 40.0), "b": (40.0, 130.0), "c": (40.0, 210.0)}
+    out = []
+    for t in range(frames):
+        out.append({name: (x + 3.0 * t, y + np.sin(t / 3.0) * 4, 12.0) for name, (x, y) in starts.items()
+                    if t not in absent.get(name, ())})
+    return out
+
+
+def test_ids_persist_across_a_gap_of_two_frames():
+    names, events = run(Tracker(max_gap_frames=2), moving_discs(20, absent={"b": range(8, 10)}))
+    for disc in "abc":
+        assert len({frame[disc] for frame in names if disc in frame}) == 1, disc
+    assert [e.kind for e in events] == [ENTER] * 3  # the gap leaves no trace in the events
+
+
+def test_a_longer_gap_ends_the_track_and_starts_a_new_one():
+    tracker = Tracker(max_gap_frames=2)
+    names, events = run(tracker, moving_discs(20, absent={"b": range(8, 11)}))
+    before, after = names[7]["b"], names[11]["b"]
+    assert before != after
+    assert [(e.kind, e.frame, e.ended, e.started) for e in events[3:]] == [
+        (LEAVE, 10, (before,), ()), (ENTER, 11, (), (after,))]  # leave at last seen (7) + gap (2) + 1
+    summary = {s.track_id: s for s in tracker.summaries(fps=10.0, pixel_size_um=0.5)}
+    assert (summary[before].first_frame, summary[before].last_frame, summary[before].end) == (0, 7, LEAVE)
+    assert (summary[after].first_frame, summary[after].last_frame, summary[after].end) == (11, 19, "alive")
+
+
+def test_objects_entering_and_leaving():
+    frames = moving_discs(25)
+    for t in range(5, 12):
+        frames[t]["new"] = (200.0, 120.0 + 2 * t, 10.0)
+    tracker = Tracker(max_gap_frames=2)
+    names, events = run(tracker, frames)
+    newcomer = names[5]["new"]
+    assert {frame["new"] for frame in names[5:12]} == {newcomer}
+    assert [(e.kind, e.frame) for e in events if newcomer in e.ended + e.started] == [(ENTER, 5), (LEAVE, 14)]
+    summary = next(s for s in tracker.summaries(fps=10.0, pixel_size_um=1.0) if s.track_id == newcomer)
+    assert (summary.first_frame, summary.last_frame, summary.lifetime_frames, summary.frames_observed) == (5, 11, 7, 7)
+
+
+def test_a_division_gives_one_divide_event_with_its_parent():
+    frames = []
+    for t in range(16):
+        discs = {"other": (200.0, 200.0 - t, 12.0)}
+        if t < 6:
+            discs["mother"] = (80.0 + t, 80.0, 14.0)
+        else:
+            spread = 11.0 + 2.0 * (t - 6)
+            discs["left"], discs["right"] = (85.0 - spread, 80.0, 9.0), (85.0 + spread, 80.0, 9.0)
+        frames.append(discs)
+    tracker = Tracker()
+    names, events = run(tracker, frames)
+    divides = [e for e in events if e.kind == DIVIDE]
+    assert len(divides) == 1 and not [e for e in events if e.kind in (MERGE, LEAVE)]
+    mother, children = names[5]["mother"], {names[6]["left"], names[6]["right"]}
+    assert (divides[0].frame, divides[0].ended, set(divides[0].started)) == (6, (mother,), children)
+    assert len({frame["other"] for frame in names}) == 1
+    for name in ("left", "right"):
+        assert len({frame[name] for frame in names[6:]}) == 1
+    summary = {s.track_id: s for s in tracker.summaries(fps=1.0, pixel_size_um=1.0)}
+    assert summary[mother].end == DIVIDE and summary[mother].last_frame == 5
+    assert all(summary[child].parent == mother and summary[child].first_frame == 6 for child in children)
+
+
+def test_without_overlap_events_a_division_is_a_link_and_an_entry():
+    frames = [{"mother": (80.0, 80.0, 14.0)}] * 3 + [{"left": (69.0, 80.0, 9.0), "right": (91.0, 80.0, 9.0)}] * 3
+    names, events = run(Tracker(overlap_events=False), frames)
+    assert [e.kind for e in events] == [ENTER, ENTER]
+    assert names[0]["mother"] in {names[3]["left"], names[3]["right"]}
+
+
+def test_two_tracks_into_one_component_give_a_merge_event():
+    tracker = Tracker()
+    events, counts = [], []
+    for t in range(12):
+        gap = max(40.0 - 4.0 * t, 14.0)  # radius 10: the discs touch from some frame on
+        objects = objects_of({"left": (100.0 - gap / 2, 100.0, 10.0), "right": (100.0 + gap / 2, 100.0, 10.0)})
+        counts.append(len(objects))
+        events.extend(tracker.update(objects, t).events)
+    touching = counts.index(1)
+    assert 2 < touching < 11 and set(counts[touching:]) == {1}
+    merges = [e for e in events if e.kind == MERGE]
+    assert len(merges) == 1 and merges[0].frame == touching and len(merges[0].ended) == 2
+    assert not [e for e in events if e.kind in (DIVIDE, LEAVE)]
+    summary = {s.track_id: s for s in tracker.summaries(fps=1.0, pixel_size_um=1.0)}
+    assert summary[merges[0].started[0]].merged_from == merges[0].ended
+    assert all(summary[t].end == MERGE for t in merges[0].ended)
+
+
+def test_random_walk_of_twenty_discs_is_tracked_without_switches():
+    rng = np.random.default_rng(2026)
+    cells = [(50 + 100 * i, 50 + 100 * j) for i in range(5) for j in range(4)]  # 20 cells of 100×100 px
+    radius = rng.uniform(8, 14, len(cells))
+    reach = 50 - radius - 3  # a disc stays in its cell: discs never touch
+    offset = np.zeros((len(cells), 2))
+    tracker = Tracker(max_link_distance_px=20.0)
+    truth, tracked = [], []
+    for t in range(100):
+        offset = np.clip(offset + rng.normal(0.0, 2.5, offset.shape), -reach[:, None], reach[:, None])
+        centres = np.array(cells, np.float64) + offset
+        labels = np.zeros((512, 512), np.uint8)
+        for (x, y), r in zip(centres, radius, strict=True):
+            cv2.circle(labels, (round(x), round(y)), round(r), 1, -1)
+        objects = MEASURE(labels)
+        result = tracker.update(objects, t)
+        assert not [e for e in result.events if e.kind != ENTER]
+        truth.append({k: tuple(xy) for k, xy in enumerate(centres)})
+        tracked.append({int(i): tuple(xy) for i, xy in zip(result.track_ids, objects.centroid_xy, strict=True)})
+    score = mot_from_centroids(truth, tracked, max_distance_px=5.0)
+    assert score.id_switches == 0
+    assert score.mota >= 0.95
+
+
+def test_summary_speed_and_dry_mass_change():
+    tracker = Tracker()
+    for t in range(11):
+        objects = objects_of({"a": (50.0 + 3 * t, 60.0, 10.0)}, phase_per_disc={"a": 1.0 + 0.1 * t})
+        tracker.update(objects, t)
+    first = objects_of({"a": (50.0, 60.0, 10.0)}, phase_per_disc={"a": 1.0}).dry_mass_pg[0]
+    last = objects_of({"a": (80.0, 60.0, 10.0)}, phase_per_disc={"a": 2.0}).dry_mass_pg[0]
+    (summary,) = tracker.summaries(fps=10.0, pixel_size_um=0.5)
+    assert summary.mean_speed_um_per_s == pytest.approx(3 * 0.5 * 10.0)  # px/frame · µm/px · frames/s
+    assert summary.dry_mass_first_pg == pytest.approx(first)
+    assert summary.dry_mass_change_pg == pytest.approx(last - first)
+    assert (summary.lifetime_frames, summary.parent, summary.end) == (11, None, "alive")
+
+
+def test_without_phase_dry_mass_is_none_and_a_single_sighting_has_no_speed():
+    tracker = Tracker()
+    tracker.update(objects_of({"a": (50.0, 50.0, 8.0)}), 0)
+    (summary,) = tracker.summaries(fps=5.0, pixel_size_um=1.0)
+    assert summary.dry_mass_change_pg is None and summary.mean_speed_um_per_s is None
+
+
+def test_overlap_areas_count_shared_pixels():
+    rng = np.random.default_rng(5)
+    discs = {str(k): (float(x), float(y), float(r)) for k, (x, y, r) in
+             enumerate(zip(rng.uniform(0, SIZE, 12), rng.uniform(0, SIZE, 12), rng.uniform(4, 20, 12), strict=True))}
+    before = objects_of(discs)
+    after = objects_of({k: (x + rng.normal(0, 6), y + rng.normal(0, 6), r) for k, (x, y, r) in discs.items()})
+    expected = [[(before.mask(i) & after.mask(j)).sum() for j in range(len(after))] for i in range(len(before))]
+    overlaps = overlap_areas(before, after)
+    assert overlaps.tolist() == expected and overlaps.sum() > 0
+
+
+def test_empty_frames_are_fine():
+    tracker = Tracker(max_gap_frames=1)
+    tracker.update(objects_of({"a": (50.0, 50.0, 8.0)}), 0)
+    empty = tracker.update(objects_of({}), 1)
+    assert empty.track_ids.shape == (0,) and empty.events == ()
+    assert [e.kind for e in tracker.update(objects_of({}), 2).events] == [LEAVE]
+
+
+def test_bad_settings_and_order_are_refused():
+    for bad in ({"max_link_distance_px": 0}, {"max_gap_frames": -1}, {"area_weight": -1},
+                {"min_overlap_fraction": 0}, {"min_overlap_fraction": 1.5}):
+        with pytest.raises(TrackingError):
+            Tracker(**bad)
+    tracker = Tracker()
+    tracker.update(objects_of({"a": (50.0, 50.0, 8.0)}), 3)
+    with pytest.raises(TrackingError, match="increasing order"):
+        tracker.update(objects_of({"a": (50.0, 50.0, 8.0)}), 3)
+    with pytest.raises(TrackingError, match="frame size changed"):
+        tracker.update(objects_of({"a": (50.0, 50.0, 8.0)}, size=128), 4)
+    with pytest.raises(TrackingError, match="fps"):
+        tracker.summaries(fps=0.0, pixel_size_um=1.0)
+
+
+@pytest.mark.slow
+def test_the_benchmark_compares_the_linkers_on_the_same_tracks():
+    from benchmarks.tracking import measure, targets
+
+    section = measure(objects=6, frames=6, size=192)
+    methods = {row["method"]: row for row in section["results"]}
+    ours = methods["ours (Tracker.update: overlaps + SciPy LAP)"]
+    assert ours["frames_timed"] == 6 and ours["ms_per_frame"] > 0 and ours["id_switches"] == 0
+    assert [t["required"] for t in targets(section)] == ["<= 2.0", "<= 3.0"]
