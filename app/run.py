@@ -26,7 +26,7 @@ from app.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError, deferred_interrupt
 from app.files import check_output
 from app.pipeline.backends import BACKENDS
 from app.pipeline.factory import build_stages
-from app.pipeline.runner import PipelineResult
+from app.pipeline.runner import PipelineError, PipelineResult
 from app.pipeline.sinks import SINKS, check_outputs
 from app.pipeline.stats import format_table, write_json
 
@@ -186,6 +186,12 @@ def run_app(prog: str, config: Config, *, realtime: bool, num_classes: int | Non
         raise
     try:
         result = pipeline.run_sequential() if sequential else pipeline.run()
+    except PipelineError as failure:  # e.g. a stream that gave up: what it measured still goes to --stats
+        if failure.result is not None and config.output.stats_json:
+            with deferred_interrupts():
+                write_json(config.output.stats_json, summary_of(failure.result, config,
+                                                                hologram_summary(stages.preprocessor)))
+        raise
     finally:
         if progress is not None:
             progress.finish()
@@ -212,19 +218,24 @@ def hologram_summary(preprocessor: Any) -> dict[str, Any]:
                 "period_px": carrier.period_px, "angle_deg": carrier.angle_deg}}
 
 
+def summary_of(result: PipelineResult, config: Config, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``--stats`` JSON: the result, the run's main settings and what the hologram stage used."""
+    summary = result.to_dict()
+    summary["config"] = {"source": config.source.uri, "weights": config.model.weights,
+                         "backend": config.model.backend, "batch_size": config.pipeline.batch_size,
+                         "queue_size": config.pipeline.queue_size,
+                         "background_file": config.preprocess.background_file or None}
+    if preprocessing:
+        summary["preprocessing"] = preprocessing
+    return summary
+
+
 def report(result: PipelineResult, config: Config, preprocessing: dict[str, Any] | None = None) -> None:
     """Summary table (and the written files) on stderr; the JSON summary when asked for."""
-    summary = result.to_dict()
-    print(format_table(summary), file=sys.stderr)
+    print(format_table(result.to_dict()), file=sys.stderr)
     for path in outputs_of(config):
         if Path(path).exists():
             print(f"wrote {path}", file=sys.stderr)
     if config.output.stats_json:
-        summary["config"] = {"source": config.source.uri, "weights": config.model.weights,
-                             "backend": config.model.backend, "batch_size": config.pipeline.batch_size,
-                             "queue_size": config.pipeline.queue_size,
-                             "background_file": config.preprocess.background_file or None}
-        if preprocessing:
-            summary["preprocessing"] = preprocessing
-        write_json(config.output.stats_json, summary)
+        write_json(config.output.stats_json, summary_of(result, config, preprocessing))
         print(f"wrote {config.output.stats_json}", file=sys.stderr)

@@ -250,3 +250,17 @@ def test_window_without_highgui_switches_itself_off(monkeypatch, caplog):
     frame = np.zeros((8, 8, 3), np.uint8)
     assert window.show(frame) and window.show(frame)
     assert caplog.text.count("window off") == 1
+
+
+def test_a_source_that_fails_mid_run_still_writes_its_stats(tiny_weights, tmp_path):
+    write_indexed_images(tmp_path / "seq", 5)
+    (tmp_path / "seq" / "frame3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated garbage")
+    stats = tmp_path / "stats.json"
+    result = run_cli("app.replay", str(tmp_path / "seq"), "--weights", str(tiny_weights), "--gif",
+                     str(tmp_path / "x.gif"), "--stats", str(stats), "--set", "source.strict=true")
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "source stage failed", "frame3.png")
+    summary = json.loads(stats.read_text())
+    assert summary["stopped"].startswith("failed: source stage failed") and summary["frames"] <= 3
+    assert set(summary["stats"]) == {"source", "preprocess", "inference", "overlay", "sinks"}
+    assert summary["config"]["source"] == str(tmp_path / "seq")

@@ -121,6 +121,7 @@ class PipelineError(AppError, RuntimeError):
         self.stage = stage
         self.frame_index = frame_index
         self.cause = cause if isinstance(cause, BaseException) else None
+        self.result: PipelineResult | None = None  # what the run did before it failed (for --stats)
         if isinstance(cause, BaseException):  # the stage's error type says what failed: keep it
             text, name = first_line(cause), type(cause).__name__
             detail = name if text == name else f"{name}: {text}"
@@ -500,6 +501,7 @@ class Pipeline:
             stopped = "interrupted"
         failure = failure or closing
         if failure is not None:
+            failure.result = self._result("sequential", time.perf_counter() - started, f"failed: {failure}")
             raise failure
         self._report_progress()
         return self._result("sequential", time.perf_counter() - started, stopped)
@@ -632,6 +634,7 @@ class _Threads:
         if interrupts.interrupted:
             stopped = "interrupted"
         if self.failure is not None:
+            self.failure.result = pipeline._result("threaded", time.perf_counter() - started, f"failed: {self.failure}")
             raise self.failure
         return pipeline._result("threaded", time.perf_counter() - started, stopped or self.end_reason)
 
