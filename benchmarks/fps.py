@@ -1,6 +1,6 @@
 """Frame-rate benchmark CLI: storage, each stage, every model per backend, and the pipeline end to end.
 
-    python -m benchmarks.fps [--quick] [--sections storage,stages,models,end_to_end]   (or --sections soak)
+    python -m benchmarks.fps [--quick] [--sections storage,stages,models,end_to_end]   (or --sections soak,tracking)
                              [--dirs hdd=/mnt/hdd/seq ssd=/mnt/ssd/seq] [--json FILE] [--markdown FILE]
                              [--plot FILE.png] [--workdir DIR] [--config PATH] [--set K=V]
 
@@ -39,7 +39,7 @@ from app.config import Config, ConfigError
 from app.errors import EXIT_INTERRUPTED, EXIT_OK
 
 SECTIONS = ("storage", "stages", "hologram", "models", "end_to_end")
-ON_REQUEST_SECTIONS = ("soak",)  # run only when named in --sections: slow, and about memory, not speed
+ON_REQUEST_SECTIONS = ("soak", "tracking")  # run only when named in --sections (soak: slow, about memory)
 QUICK_OVERRIDES = (
     "benchmark.repeats=3",
     "benchmark.warmup=1",
@@ -177,6 +177,8 @@ def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path],
         from benchmarks.soak import estimate_seconds as soak_seconds
 
         total += soak_seconds()
+    if "tracking" in sections:
+        total += 30.0  # 100 frames of 50 objects at 1024² through five contenders, plus their imports
     return total
 
 
@@ -236,6 +238,10 @@ def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, A
         from benchmarks import soak
 
         targets += soak.targets(result["soak"])
+    if result.get("tracking"):
+        from benchmarks import tracking
+
+        targets += tracking.targets(result["tracking"])
     one_core = config.benchmark.one_core_size
     for stage, what in (("overlay", "overlay"), ("metrics", "metrics update (ConfusionMatrix)")):
         rows = [r for r in (result.get("stages") or {}).get("results", [])
@@ -267,7 +273,7 @@ def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, A
 def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Path | None,
         log: Callable[[str], None], quick: bool = False, command: str = "") -> dict[str, Any]:
     """Run the chosen sections and return the full result dict (see the module docstring)."""
-    from benchmarks import end_to_end, hologram, model_latency, soak, stages, storage
+    from benchmarks import end_to_end, hologram, model_latency, soak, stages, storage, tracking
     from benchmarks.machine import machine_info
     from benchmarks.workload import Context, FrameCache, load_model
 
@@ -305,7 +311,8 @@ def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Pat
         runners = {"storage": lambda: storage.run_section(bench, dirs, Path(scratch), log),
                    "stages": lambda: stages.run_section(ctx), "hologram": lambda: hologram.run_section(ctx),
                    "models": lambda: model_latency.run_section(ctx),
-                   "end_to_end": lambda: end_to_end.run_section(ctx), "soak": lambda: soak.run_section(ctx)}
+                   "end_to_end": lambda: end_to_end.run_section(ctx), "soak": lambda: soak.run_section(ctx),
+                   "tracking": lambda: tracking.measure(log=log)}
         for name in sections:
             try:
                 result[name] = runners[name]()

@@ -30,7 +30,9 @@ from app.errors import EXIT_OK
 from app.files import write_text
 from app.training.tracking_metrics import mot_from_centroids
 
-_DEFAULT_SETTINGS = ("synth.num_cells=6", "synth.drift_px_per_frame=1.0")
+_DEFAULT_SETTINGS = ("synth.num_cells=8", "synth.drift_px_per_frame=1.0", "synth.object_radius_px=[10,16]",
+                     "synth.keep=[num_cells,object_radius_px]")
+"""Enough separate cells to track (randomisation keeps these two; every optical setting is still drawn)."""
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

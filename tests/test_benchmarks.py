@@ -151,7 +151,7 @@ def test_cli_bad_section_is_one_plain_line_and_exit_2(capsys) -> None:
     assert fps.main(["--sections", "disks"]) == 2
     err = capsys.readouterr().err
     assert err == ("benchmarks.fps: error: unknown section(s) disks; valid: storage, stages, hologram, models, "
-                   "end_to_end, soak\n")
+                   "end_to_end, soak, tracking\n")
 
 
 def test_unknown_device_profile_lists_the_valid_ones() -> None:

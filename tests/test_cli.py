@@ -213,3 +213,9 @@ def test_an_error_that_leaves_threads_running_exits_at_once_with_its_line(capsys
     assert exited.value.args == (EXIT_INTERRUPTED,)
     assert capsys.readouterr().err.strip() == (
         "prog: interrupted: inference stage failed on frame 3: did not stop within 5 s; left running")
+
+
+def test_bad_optics_are_one_line_and_exit_2(capsys):
+    code, lines = run_main("app.replay", ["synthetic", "--set", "optics.wavelength_nm=-633"], capsys)
+    assert code == EXIT_USAGE
+    assert lines == ["app.replay: error: optics.wavelength_nm must be a number > 0, got -633.0"]
