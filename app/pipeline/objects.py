@@ -150,6 +150,50 @@ def unwrap_in_box(box: np.ndarray, inside: np.ndarray) -> np.ndarray:
     return (0.5 * (np.cumsum(along_x, axis=1) + np.cumsum(along_y, axis=0))).astype(np.float32)
 
 
+SPLIT_SOLIDITY = 0.9
+"""A component whose area is below this fraction of its convex hull's is checked for touching objects."""
+_SEED_FRACTION = 0.6  # seeds: where the distance to the border exceeds this fraction of its maximum
+
+
+def _split_touching(labels: np.ndarray, component: int, contour: np.ndarray, box: tuple[int, int, int, int],
+                    count: int, pieces: list[tuple[int, int, int, int, int]], min_area_px: int) -> int:
+    """Split a concave component of ``labels`` (in place) into the touching objects it holds: seeds are
+    the cores far from the border (distance transform), and each pixel of the component goes to the
+    nearest core.
+    Appends ``(component, x, y, w, h)`` for each piece (the first keeps the id, the others get ``count``,
+    ``count + 1``, ...) and returns the new count. A convex component, or one with a single core, is
+    left whole."""
+    x, y, w, h = box
+    hull = cv2.contourArea(cv2.convexHull(contour))
+    if hull <= 0 or cv2.contourArea(contour) >= SPLIT_SOLIDITY * hull:
+        pieces.append((component, x, y, w, h))
+        return count
+    region = labels[y:y + h, x:x + w]
+    inside = (region == component).view(np.uint8)
+    distance = cv2.distanceTransform(cv2.copyMakeBorder(inside, 1, 1, 1, 1, cv2.BORDER_CONSTANT, 0),
+                                     cv2.DIST_L2, 3)[1:-1, 1:-1]
+    seeds = cv2.compare(distance, _SEED_FRACTION * float(distance.max()), cv2.CMP_GT)
+    seed_count, markers = cv2.connectedComponents(seeds, connectivity=8, ltype=cv2.CV_32S)
+    if seed_count <= 2:  # background plus one core: one object
+        pieces.append((component, x, y, w, h))
+        return count
+    # Each pixel goes to the nearest core: the cores grown back out to the component's border.
+    nearest = np.stack([cv2.distanceTransform(cv2.compare(markers, core, cv2.CMP_NE), cv2.DIST_L2, 3)
+                        for core in range(1, seed_count)])
+    owner = np.argmin(nearest, axis=0) + 2
+    for core in range(2, seed_count + 1):
+        piece = ((owner == core) & (inside > 0)).view(np.uint8)
+        if cv2.countNonZero(piece) < min_area_px:
+            continue
+        new_id = component if core == 2 else count
+        if core != 2:
+            region[piece > 0] = count
+            count += 1
+        px, py, pw, ph = cv2.boundingRect(piece)
+        pieces.append((new_id, x + px, y + py, pw, ph))
+    return count
+
+
 class ObjectMeasurer:
     """Label map (H×W uint8) [+ phase (H×W float, rad)] -> :class:`FrameObjects`. Inputs are not modified.
 
@@ -160,7 +204,7 @@ class ObjectMeasurer:
     """
 
     def __init__(self, optics: Optics | None = None, min_area_px: int = 16,
-                 classes: Sequence[int] | None = None, unwrap: bool = False) -> None:
+                 classes: Sequence[int] | None = None, unwrap: bool = False, split: bool = False) -> None:
         if min_area_px < 1:
             raise ObjectsError(f"min_area_px must be >= 1, got {min_area_px}")
         if classes is not None and any(not 0 < int(c) < IGNORE_VALUE for c in classes):
@@ -169,6 +213,7 @@ class ObjectMeasurer:
         self.min_area_px = int(min_area_px)
         self.classes = tuple(int(c) for c in classes) if classes is not None else None
         self.unwrap = unwrap
+        self.split = split
 
     def _present_classes(self, labels: np.ndarray) -> tuple[int, ...]:
         if self.classes is not None:
@@ -195,11 +240,8 @@ class ObjectMeasurer:
             if not cv2.countNonZero(mask):
                 continue
             count, class_components = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
-            if components is None:
-                components = class_components
-            else:  # disjoint classes share one image, each class's ids after the previous class's
-                cv2.add(class_components, offset, dst=components, mask=mask)
             contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+            pieces: list[tuple[int, int, int, int, int]] = []  # component, x, y, w, h
             for contour, (_, _, _, parent) in zip(contours, hierarchy[0], strict=True):
                 if parent != -1:  # the border of a hole, not of a component
                     continue
@@ -208,6 +250,16 @@ class ObjectMeasurer:
                     continue
                 first_x, first_y = contour[0, 0]
                 component = int(class_components[first_y, first_x])
+                if self.split and cv2.contourArea(contour) >= 2 * self.min_area_px:
+                    count = _split_touching(class_components, component, contour, (x, y, w, h), count, pieces,
+                                            self.min_area_px)
+                else:
+                    pieces.append((component, x, y, w, h))
+            if components is None:
+                components = class_components
+            else:  # disjoint classes share one image, each class's ids after the previous class's
+                cv2.add(class_components, offset, dst=components, mask=mask)
+            for component, x, y, w, h in pieces:
                 # NumPy's ==, not cv2.compare: OpenCV reads an array of up to 4 values as a scalar
                 inside = (class_components[y:y + h, x:x + w] == component).view(np.uint8)
                 moments = cv2.moments(inside, binaryImage=True)

@@ -173,3 +173,19 @@ def test_a_phase_dome_above_pi_is_unwrapped_inside_the_object():
     small = np.clip(true, 0, 2.0)  # below the wrap risk the phase is used as it is
     np.testing.assert_allclose(ObjectMeasurer(unwrap=True)(labels, small).integrated_phase_rad_px[0],
                                small[labels > 0].sum(), rtol=1e-6)
+
+
+def test_touching_discs_are_split_into_two_objects_and_a_convex_one_is_left_whole():
+    labels = np.zeros((120, 160), np.uint8)
+    cv2.circle(labels, (50, 60), 22, 1, cv2.FILLED)
+    cv2.circle(labels, (88, 60), 22, 1, cv2.FILLED)  # overlaps the first: one 8-connected component
+    cv2.circle(labels, (140, 20), 12, 1, cv2.FILLED)
+    assert len(ObjectMeasurer()(labels)) == 2
+    objects = ObjectMeasurer(split=True)(labels)
+    assert len(objects) == 3
+    order = np.argsort(objects.centroid_xy[:, 0])
+    np.testing.assert_allclose(objects.centroid_xy[order][:, 0], [50, 88, 140], atol=1.5)
+    assert objects.area_px[order][:2].sum() == int(np.count_nonzero(labels[:, :120]))
+    assert len(set(objects.component_id.tolist())) == 3
+    for k in range(3):  # the component image agrees with each object's area
+        assert np.count_nonzero(objects.mask(k)) == objects.area_px[k]
