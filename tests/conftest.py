@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained, tiny ICNet checkpoint (1 channel, classes background/cell) for CLI and pipeline runs."""
+    from models import build_model, save_checkpoint
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    model = build_model("icnet", num_classes=2, in_channels=1, backbone="resnet18", width=0.25)
+    save_checkpoint(path, model, arch="icnet", options={"backbone": "resnet18", "width": 0.25},
+                    class_names=["background", "cell"], palette=None, input_size=64,
+                    normalization={"mode": "standardize"})
+    return path
+
+
+@pytest.fixture
+def restore_signals():
+    """Put back the SIGINT/SIGTERM handlers a CLI's guarded main installed in this process."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)

@@ -128,14 +128,6 @@ def test_every_project_error_is_an_app_error():
 
 # -- Ctrl-C while outputs are being finished (app.errors.deferred_interrupts) --------------------------
 
-@pytest.fixture
-def restore_signals():
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
 class Exited(BaseException):
     """What the os._exit double raises: the code the process would have ended with."""
 

@@ -27,26 +27,6 @@ SMALL_SYNTH = ["--set", "synth.size=64", "--set", "synth.num_cells=2", "--set", 
                "--set", "synth.num_dust_rings=1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    from models import build_model, save_checkpoint
-
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    model = build_model("icnet", num_classes=2, in_channels=1, backbone="resnet18", width=0.25)
-    save_checkpoint(path, model, arch="icnet", options={"backbone": "resnet18", "width": 0.25},
-                    class_names=["background", "cell"], palette=None, input_size=64,
-                    normalization={"mode": "standardize"})
-    return path
-
-
-@pytest.fixture
-def restore_signals():
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
 def run_cli(module: str, *args: str, cwd: Path = REPO, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("DISPLAY", None)

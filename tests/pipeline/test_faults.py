@@ -237,14 +237,6 @@ class SignallingSink:
             time.sleep(self.close_s)
 
 
-@pytest.fixture
-def restore_signals():
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
 @pytest.mark.parametrize("runner", ["threaded", "sequential"])
 def test_ctrl_c_and_a_second_one_while_closing_finish_every_output(tmp_path, runner, capfd, restore_signals):
     at = seeded_frame(f"ctrl-c/{runner}")
@@ -316,17 +308,6 @@ class Process:
         while not self.lines.empty():
             self.seen.append(self.lines.get())
         return self.popen.returncode, exited, "".join(self.seen)
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    from models import build_model, save_checkpoint
-
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    model = build_model("icnet", num_classes=2, in_channels=1, backbone="resnet18", width=0.25)
-    save_checkpoint(path, model, arch="icnet", options={"backbone": "resnet18", "width": 0.25},
-                    class_names=CLASS_NAMES, palette=None, input_size=64, normalization={"mode": "standardize"})
-    return path
 
 
 def output_flags(folder: Path) -> list[str]:

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -47,25 +46,6 @@ def rendered(count: int, size: int = 64, seed: int = 0) -> list[Rendered]:
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob(".*partial*"))
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    from models import build_model, save_checkpoint
-
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    model = build_model("icnet", num_classes=2, in_channels=1, backbone="resnet18", width=0.25)
-    save_checkpoint(path, model, arch="icnet", options={"backbone": "resnet18", "width": 0.25},
-                    class_names=CLASSES, palette=None, input_size=64, normalization={"mode": "standardize"})
-    return path
-
-
-@pytest.fixture
-def restore_signals():
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 def mount_tmpfs(folder: Path, options: str) -> None:
