@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from app.errors import AppError
+from app.resources import config_file, weights_file
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
+DEFAULT_CONFIG_PATH = config_file()  # the shipped config.yaml, whatever the current directory
 
 
 class ConfigError(AppError, ValueError):
@@ -162,6 +163,8 @@ class ModelConfig:
     warmup_iters: int = 2
 
     def __post_init__(self) -> None:
+        # "weights/NAME.pt" names the shipped weights from any directory (app.resources.weights_file)
+        object.__setattr__(self, "weights", str(weights_file(self.weights)) if self.weights else self.weights)
         _one_of("model.precision", self.precision, ("fp32", "fp16", "bf16"))
         _at_least("model.threads", self.threads, 0, "0 = automatic")
         _at_least("model.warmup_iters", self.warmup_iters, 0)
@@ -219,6 +222,27 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class PreviewConfig:
+    """The browser preview (``app.live --serve``): where it listens, how often viewers get a frame, and
+    where its record button writes MP4 files."""
+
+    address: str = ""  # [HOST:]PORT; "" = off
+    public: bool = False  # allow an address other machines can reach (0.0.0.0, a LAN address)
+    max_fps: float = 15.0
+    jpeg_quality: int = 80
+    send_timeout_s: float = 2.0
+    max_viewers: int = 8
+    record_dir: str = "recordings"
+
+    def __post_init__(self) -> None:
+        _positive("preview.max_fps", self.max_fps)
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"preview.jpeg_quality must be between 1 and 100, got {self.jpeg_quality}")
+        _positive("preview.send_timeout_s", self.send_timeout_s)
+        _at_least("preview.max_viewers", self.max_viewers, 1)
+
+
+@dataclass(frozen=True)
 class OpticsConfig:
     """The microscope, for physical read-outs: µm per camera pixel in the object plane, the laser
     wavelength, the refractive index difference between cells and medium (thickness), and the specific
@@ -254,12 +278,33 @@ class ObjectsConfig:
     max_link_distance_px: float = 30.0
     max_gap_frames: int = 3
     trail_frames: int = 12
+    mass_margin_px: int = 3
+    background_ring_px: int = 6
 
     def __post_init__(self) -> None:
         _at_least("objects.min_area_px", self.min_area_px, 1)
+        _at_least("objects.mass_margin_px", self.mass_margin_px, 0)
+        _at_least("objects.background_ring_px", self.background_ring_px, 0, "0 = no local background")
         _positive("objects.max_link_distance_px", self.max_link_distance_px)
         _at_least("objects.max_gap_frames", self.max_gap_frames, 0)
         _at_least("objects.trail_frames", self.trail_frames, 0, "0 = no trails")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """``python -m app.batch`` on Ray Data: the cluster to join and the shape of the actor pool."""
+
+    address: str = ""
+    actors: int = 0
+    cpus_per_actor: float = 1.0
+    cpus_per_reader: float = 0.5
+    frames_per_block: int = 8
+
+    def __post_init__(self) -> None:
+        _at_least("batch.actors", self.actors, 0, "0 = automatic")
+        _positive("batch.cpus_per_actor", self.cpus_per_actor)
+        _positive("batch.cpus_per_reader", self.cpus_per_reader)
+        _at_least("batch.frames_per_block", self.frames_per_block, 1)
 
 
 @dataclass(frozen=True)
@@ -352,7 +397,9 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     optics: OpticsConfig = field(default_factory=OpticsConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     objects: ObjectsConfig = field(default_factory=ObjectsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
@@ -467,7 +514,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Load ``path`` (default: the repository's config.yaml) and apply ``section.key=value`` overrides."""
+    """Load ``path`` (default: the shipped config.yaml, :mod:`app.resources`) and apply ``section.key=value`` overrides."""
     data: dict[str, Any] = {}
     cfg_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     if path is not None or cfg_path.exists():

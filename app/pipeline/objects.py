@@ -13,6 +13,14 @@ difference Δn between cell and medium, and the dry mass m = Σ OPD · A_px / α
 pixel area (µm²) and α the specific refraction increment (mL/g = µm³/pg; 0.19 for most proteins).
 The phase sign depends on the microscope (see :mod:`app.pipeline.hologram`): it is used as given.
 
+Background per object (as in DryMass and the QPI literature): the reference fit leaves aberrations,
+dust rings and a phase offset of its own that a sum over hundreds of pixels turns into a large mass
+error. So each object's phase is measured against a plane fitted to a ring of background around it
+(pixels at least ``margin_px`` from every object, up to ``margin_px + ring_px`` from this one), and its
+phase is summed over the object grown by ``margin_px`` (the optics' blur carries phase past the edge
+that the segmentation draws). Measured against the generator's truth on its own instance masks
+(classic generator): phase sum / true 0.89 without the ring, 1.00 with it.
+
 Speed (1024², 50 objects, one core: see ``benchmarks/tracking.py``): OpenCV's ``connectedComponents``
 labels the pixels; the bounding boxes come from the components' outer contours (``findContours``,
 several times cheaper than ``connectedComponentsWithStats`` there); everything else is computed inside
@@ -151,47 +159,138 @@ def unwrap_in_box(box: np.ndarray, inside: np.ndarray) -> np.ndarray:
 
 
 SPLIT_SOLIDITY = 0.9
-"""A component whose area is below this fraction of its convex hull's is checked for touching objects."""
+"""Without phase, a component whose area is below this fraction of its convex hull's is checked for
+touching objects (two discs that touch make a waist)."""
+SPLIT_SOLIDITY_WITH_PHASE = 0.95
+"""With phase the check is cheaper to trust, so only components this close to convex are left whole
+unchecked: overlapping cells make a shallow waist but keep a phase dome each."""
+PEAK_PROMINENCE_RAD = 0.25
+PEAK_PROMINENCE_FRACTION = 0.15
+"""A phase peak counts as a cell of its own when it rises this far above the saddle to any higher
+peak: at least ``PEAK_PROMINENCE_RAD`` and this fraction of the component's highest phase (a nucleus
+or the texture inside one cell does not)."""
 _SEED_FRACTION = 0.6  # seeds: where the distance to the border exceeds this fraction of its maximum
+_PEAK_SMOOTH_SIGMA_PX = 1.5
+_CROSS = cv2.getStructuringElement(cv2.MORPH_RECT, (3, 3))
 
 
-def _split_touching(labels: np.ndarray, component: int, contour: np.ndarray, box: tuple[int, int, int, int],
-                    count: int, pieces: list[tuple[int, int, int, int, int]], min_area_px: int) -> int:
-    """Split a concave component of ``labels`` (in place) into the touching objects it holds: seeds are
-    the cores far from the border (distance transform), and each pixel of the component goes to the
-    nearest core.
-    Appends ``(component, x, y, w, h)`` for each piece (the first keeps the id, the others get ``count``,
-    ``count + 1``, ...) and returns the new count. A convex component, or one with a single core, is
-    left whole."""
-    x, y, w, h = box
-    hull = cv2.contourArea(cv2.convexHull(contour))
-    if hull <= 0 or cv2.contourArea(contour) >= SPLIT_SOLIDITY * hull:
-        pieces.append((component, x, y, w, h))
-        return count
-    region = labels[y:y + h, x:x + w]
-    inside = (region == component).view(np.uint8)
+def _nearest_cores(inside: np.ndarray) -> tuple[np.ndarray | None, int]:
+    """Owner map (core number 1..n per pixel) of a component's box by its distance-transform cores,
+    and n; (None, 1) for a single core."""
     distance = cv2.distanceTransform(cv2.copyMakeBorder(inside, 1, 1, 1, 1, cv2.BORDER_CONSTANT, 0),
                                      cv2.DIST_L2, 3)[1:-1, 1:-1]
     seeds = cv2.compare(distance, _SEED_FRACTION * float(distance.max()), cv2.CMP_GT)
     seed_count, markers = cv2.connectedComponents(seeds, connectivity=8, ltype=cv2.CV_32S)
     if seed_count <= 2:  # background plus one core: one object
-        pieces.append((component, x, y, w, h))
-        return count
+        return None, 1
     # Each pixel goes to the nearest core: the cores grown back out to the component's border.
     nearest = np.stack([cv2.distanceTransform(cv2.compare(markers, core, cv2.CMP_NE), cv2.DIST_L2, 3)
                         for core in range(1, seed_count)])
-    owner = np.argmin(nearest, axis=0) + 2
-    for core in range(2, seed_count + 1):
+    return np.argmin(nearest, axis=0) + 1, seed_count - 1
+
+
+def prominent_peaks(values: np.ndarray, prominence: float) -> np.ndarray:
+    """The h-maxima of ``values`` (h×w float32, ≥ 0): a uint8 mask of the tops of the peaks that rise
+    at least ``prominence`` above the saddle to any higher peak (morphological reconstruction by
+    dilation of ``values − prominence`` under ``values``, iterated to convergence)."""
+    reconstructed = np.maximum(values - np.float32(prominence), 0.0)
+    for _ in range(values.size):
+        grown = np.minimum(cv2.dilate(reconstructed, _CROSS), values)
+        if np.array_equal(grown, reconstructed):
+            break
+        reconstructed = grown
+    return ((values - reconstructed) >= np.float32(0.999 * prominence)).view(np.uint8)
+
+
+def _phase_basins(inside: np.ndarray, phase: np.ndarray) -> tuple[np.ndarray | None, int]:
+    """Owner map (1..n) of a component's box by the watershed of its phase from its prominent peaks,
+    and n; (None, 1) for a single peak. ``phase``: the box's phase (cells positive, unwrapped)."""
+    smooth = cv2.GaussianBlur(phase.astype(np.float32, copy=False), (0, 0), _PEAK_SMOOTH_SIGMA_PX)
+    smooth[inside == 0] = 0.0
+    np.maximum(smooth, 0.0, out=smooth)
+    top = float(smooth.max())
+    if top <= 0.0:
+        return None, 1
+    # A cheap first look: one local maximum (within 2 px) cannot be two cells.
+    local = cv2.compare(smooth, cv2.dilate(smooth, None, iterations=2), cv2.CMP_GE) & (smooth > 0).view(np.uint8)
+    if cv2.connectedComponents(local, connectivity=8)[0] <= 2:
+        return None, 1
+    peaks = prominent_peaks(smooth, max(PEAK_PROMINENCE_RAD, PEAK_PROMINENCE_FRACTION * top))
+    count, markers = cv2.connectedComponents(peaks & inside, connectivity=8, ltype=cv2.CV_32S)
+    if count <= 2:
+        return None, 1
+    markers[inside == 0] = count  # the outside floods as a basin of its own
+    relief = cv2.cvtColor(np.clip(255.0 * (1.0 - smooth / top), 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    cv2.watershed(relief, markers)
+    ridge = markers < 0
+    if ridge.any():  # watershed lines go to a neighbouring basin
+        basins = np.where((markers > 0) & (markers < count), markers, 0).astype(np.float32)
+        markers[ridge] = cv2.dilate(basins, _CROSS)[ridge].astype(np.int32)
+    return markers, count - 1
+
+
+def _split_touching(labels: np.ndarray, component: int, contour: np.ndarray, box: tuple[int, int, int, int],
+                    count: int, pieces: list[tuple[int, int, int, int, int]], min_area_px: int,
+                    phase: np.ndarray | None = None) -> int:
+    """Split a concave component of ``labels`` (in place) into the touching objects it holds. With
+    ``phase`` (the box's, cells positive) each prominent phase peak is a cell and the phase's watershed
+    draws the borders between them; without, the seeds are the cores far from the border (distance
+    transform) and each pixel goes to the nearest core.
+    Appends ``(component, x, y, w, h)`` for each piece (the first keeps the id, the others get ``count``,
+    ``count + 1``, ...) and returns the new count. A convex component, or one with a single core or
+    peak, is left whole."""
+    x, y, w, h = box
+    hull = cv2.contourArea(cv2.convexHull(contour))
+    solidity = SPLIT_SOLIDITY if phase is None else SPLIT_SOLIDITY_WITH_PHASE
+    if hull <= 0 or cv2.contourArea(contour) >= solidity * hull:
+        pieces.append((component, x, y, w, h))
+        return count
+    region = labels[y:y + h, x:x + w]
+    inside = (region == component).view(np.uint8)
+    owner, cores = _nearest_cores(inside) if phase is None else _phase_basins(inside, phase)
+    if owner is None:
+        pieces.append((component, x, y, w, h))
+        return count
+    kept = 0
+    for core in range(1, cores + 1):
         piece = ((owner == core) & (inside > 0)).view(np.uint8)
         if cv2.countNonZero(piece) < min_area_px:
             continue
-        new_id = component if core == 2 else count
-        if core != 2:
+        new_id = component if not kept else count
+        if kept:
             region[piece > 0] = count
             count += 1
+        kept += 1
         px, py, pw, ph = cv2.boundingRect(piece)
         pieces.append((new_id, x + px, y + py, pw, ph))
+    if not kept:
+        pieces.append((component, x, y, w, h))
     return count
+
+
+def _box_sums(mask: np.ndarray) -> tuple[float, float, float, float, float, float]:
+    """Pixel count and the sums of x, y, x², x·y, y² over a binary mask (local box coordinates)."""
+    m = cv2.moments(mask, binaryImage=True)
+    return m["m00"], m["m10"], m["m01"], m["m20"], m["m11"], m["m02"]
+
+
+def background_corrected_sum(phase: np.ndarray, region: np.ndarray, ring: np.ndarray) -> float:
+    """Σ over ``region`` of (phase − the plane fitted to the phase on ``ring``), for one object's box
+    (h×w float phase, h×w uint8 masks). The least-squares plane comes from the masks' moments, so no
+    plane image is built. Fewer than 12 ring pixels: the phase is taken as is (no background known);
+    a degenerate ring (a line): its mean is the offset."""
+    count, sx, sy, sxx, sxy, syy = _box_sums(ring)
+    region_count, rx, ry = _box_sums(region)[:3]
+    region_sum = float(cv2.sumElems(cv2.multiply(phase, region, dtype=cv2.CV_64F))[0])
+    if count < 12:
+        return region_sum
+    weighted = cv2.moments(cv2.multiply(phase, ring, dtype=cv2.CV_32F))
+    target = np.array([weighted["m00"], weighted["m10"], weighted["m01"]])
+    normal = np.array([[count, sx, sy], [sx, sxx, sxy], [sy, sxy, syy]])
+    if np.linalg.cond(normal) > 1e8:
+        return region_sum - region_count * target[0] / count
+    a, b, c = np.linalg.solve(normal, target)
+    return region_sum - (a * region_count + b * rx + c * ry)
 
 
 class ObjectMeasurer:
@@ -204,9 +303,15 @@ class ObjectMeasurer:
     """
 
     def __init__(self, optics: Optics | None = None, min_area_px: int = 16,
-                 classes: Sequence[int] | None = None, unwrap: bool = False, split: bool = False) -> None:
+                 classes: Sequence[int] | None = None, unwrap: bool = False, split: bool = False,
+                 margin_px: int = 0, ring_px: int = 0) -> None:
         if min_area_px < 1:
             raise ObjectsError(f"min_area_px must be >= 1, got {min_area_px}")
+        if margin_px < 0 or ring_px < 0:
+            raise ObjectsError(f"margin_px and ring_px must be >= 0, got {margin_px} and {ring_px}")
+        self.margin_px = int(margin_px)
+        self.ring_px = int(ring_px)
+        self._grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * self.margin_px + 1,) * 2)
         if classes is not None and any(not 0 < int(c) < IGNORE_VALUE for c in classes):
             raise ObjectsError(f"object classes must be in 1..{IGNORE_VALUE - 1} (0 is background), got {list(classes)}")
         self.optics = optics or Optics()
@@ -251,8 +356,13 @@ class ObjectMeasurer:
                 first_x, first_y = contour[0, 0]
                 component = int(class_components[first_y, first_x])
                 if self.split and cv2.contourArea(contour) >= 2 * self.min_area_px:
+                    box_phase = None
+                    if phase is not None:
+                        box_phase = phase[y:y + h, x:x + w]
+                        if self.unwrap:
+                            box_phase = unwrap_in_box(box_phase, class_components[y:y + h, x:x + w] == component)
                     count = _split_touching(class_components, component, contour, (x, y, w, h), count, pieces,
-                                            self.min_area_px)
+                                            self.min_area_px, box_phase)
                 else:
                     pieces.append((component, x, y, w, h))
             if components is None:
@@ -268,10 +378,7 @@ class ObjectMeasurer:
                     continue
                 mean_phase = 0.0
                 if phase is not None:
-                    box = phase[y:y + h, x:x + w]
-                    if self.unwrap:
-                        box = unwrap_in_box(box, inside)
-                    mean_phase = cv2.mean(box, mask=inside)[0]
+                    mean_phase = self._phase_sum(phase, labels, class_components, component, (x, y, w, h)) / area
                 rows.append((component + offset, class_id, x, y, w, h, area, x + moments["m10"] / area,
                              y + moments["m01"] / area, moments["mu20"], moments["mu02"], moments["mu11"],
                              mean_phase))
@@ -279,6 +386,26 @@ class ObjectMeasurer:
         if components is None:
             components = np.zeros(labels.shape, np.int32)
         return self._objects(components, offset, rows, phase is not None)
+
+    def _phase_sum(self, phase: np.ndarray, labels: np.ndarray, components: np.ndarray, component: int,
+                   box: tuple[int, int, int, int]) -> float:
+        """One object's phase sum (rad·px) over the object grown by ``margin_px``, against the plane
+        of the background ring around it (see the module's docstring)."""
+        x, y, w, h = box
+        pad = self.margin_px + self.ring_px
+        rows = slice(max(y - pad, 0), min(y + h + pad, labels.shape[0]))
+        cols = slice(max(x - pad, 0), min(x + w + pad, labels.shape[1]))
+        inside = (components[rows, cols] == component).view(np.uint8)
+        values = phase[rows, cols]
+        if self.unwrap:
+            values = unwrap_in_box(values, inside)
+        if not pad:
+            return float(cv2.sumElems(cv2.multiply(values, inside, dtype=cv2.CV_64F))[0])
+        occupied = (labels[rows, cols] != 0).view(np.uint8)
+        region = cv2.dilate(inside, self._grow)
+        region[(occupied > 0) & (inside == 0)] = 0  # a neighbour's pixels are its own
+        ring = np.zeros_like(inside) if not self.ring_px else 1 - cv2.dilate(occupied, self._grow)
+        return background_corrected_sum(values, region, ring)
 
     def _objects(self, components: np.ndarray, component_count: int, rows: list[tuple[float, ...]],
                  with_phase: bool) -> FrameObjects:

@@ -50,7 +50,8 @@ class ReadOut:
         self.optics = optics
         self.settings = settings
         self.fps = fps if fps and fps > 0 else None
-        self.measurer = ObjectMeasurer(optics, settings.min_area_px, classes, unwrap=True, split=True)
+        self.measurer = ObjectMeasurer(optics, settings.min_area_px, classes, unwrap=True, split=True,
+                                       margin_px=settings.mass_margin_px, ring_px=settings.background_ring_px)
         self.tracker = Tracker(settings.max_link_distance_px, settings.max_gap_frames)
         self.phase_sign: float | None = None
         self._t0: float | None = None

@@ -3,20 +3,26 @@
 Per frame (:meth:`Tracker.update`, about a millisecond for 50 objects on one core, see
 ``benchmarks/tracking.py``):
 
-1. **Divisions and merges** from overlap with the objects of the previous frame given: object i there
-   and object j here overlap significantly when their masks share at least ``min_overlap_fraction``
-   of the smaller one's area. A previous object overlapping two or more new
-   ones, each overlapping nothing else, divides: its track ends and each new object starts a track
-   whose ``parent`` it is. Two or more previous objects all overlapping one new object, which
-   overlaps nothing else, merge: their tracks end and the new object starts a track
-   ``merged_from`` them. Tangles (many to many) are left to step 2.
-2. **Linking** by linear assignment (``scipy.optimize.linear_sum_assignment``) between the remaining
-   objects and the tracks seen within the last ``max_gap_frames + 1`` frames. The cost of a link is
+1. **Linking** by linear assignment (``scipy.optimize.linear_sum_assignment``) between the objects
+   and the tracks seen within the last ``max_gap_frames + 1`` frames. The cost of a link is
    ``d / max_link_distance_px + area_weight·|ln(area ratio)| + gap_cost·(frames missed)`` with ``d``
    the distance (px) from the track's last centroid; links longer than ``max_link_distance_px`` are
-   not allowed. The most links within that distance win, then the least total cost.
-3. Objects left over **enter** as new tracks; a track missed for more than ``max_gap_frames``
-   frames in a row **leaves** (the event comes at frame ``last_frame + max_gap_frames + 1``).
+   not allowed. The most links within that distance win, then the least total cost. Objects left
+   over start new tracks; a track missed for more than ``max_gap_frames`` frames in a row ends.
+2. **Divisions and merges** are read from overlap with the previous frame's objects (two objects of
+   consecutive frames overlap when they share at least ``min_overlap_fraction`` of the smaller one's
+   area), and only once they have lasted, because a segmentation that splits a cell for one frame,
+   or two cells that touch for a few frames, must not change anyone's id:
+   - a new track that overlaps the previous object of a track P which was linked to another object
+     overlapping it too is a daughter candidate of P. Once it has been seen ``confirm_frames``
+     times, a **divide** event is reported at the frame it appeared, P → (P, daughter): P's id goes on
+     with one daughter, the other's track has ``parent`` P. A candidate that ends sooner only
+     **enters** (late).
+   - a track A not seen this frame whose previous object overlaps an object now linked to track B
+     was absorbed by B. If A is not seen again within its gap, it ends with a **merge** event at the
+     frame it was absorbed, (A, B) → (B,), instead of leaving; if it reappears it goes on as before.
+3. Other new tracks **enter**; other tracks that end **leave** (the event comes at frame
+   ``last_frame + max_gap_frames + 1``).
 
 Track ids start at 1 (0 can mean "no track" in an id image) and are never reused. Frame indices must
 increase; a jump counts as missed frames. Memory stays bounded by the number of tracks, not frames.
@@ -43,6 +49,7 @@ ENTER, LEAVE, DIVIDE, MERGE = "enter", "leave", "divide", "merge"
 EVENT_KINDS = (ENTER, LEAVE, DIVIDE, MERGE)
 ALIVE = "alive"
 _NO_LINK = 1e9  # cost of a pair farther apart than the link distance (never kept)
+_CANDIDATE_COST = 0.5  # extra link cost of an unconfirmed daughter (a row offset: it only decides contests)
 
 
 class TrackingError(AppError, ValueError):
@@ -53,8 +60,9 @@ class TrackingError(AppError, ValueError):
 class TrackEvent:
     """Something that happened to tracks at frame ``frame``: the tracks that ``ended`` and ``started``.
 
-    ``enter``: () → (new,); ``leave``: (gone,) → (); ``divide``: (parent,) → (children...);
-    ``merge``: (sources...) → (merged,)."""
+    ``enter``: () → (new,); ``leave``: (gone,) → (); ``divide``: (parent,) → (parent, daughter), the
+    parent's id going on with one daughter; ``merge``: (absorbed, into) → (into,). Divide and merge
+    events are reported when they are certain, a few frames after ``frame`` (see the module docstring)."""
 
     kind: str
     frame: int
@@ -82,8 +90,8 @@ class TrackSummary:
     """One track over its life. ``lifetime_frames``: last − first + 1 (missed frames included);
     ``mean_speed_um_per_s``: path length between its observations over that time (None for a track
     seen once); dry mass (pg) at its first and last observation and the change, None when no phase
-    was measured; ``parent``: the track it divided from; ``merged_from``: the tracks it merged from;
-    ``end``: ``leave``, ``divide``, ``merge`` or ``alive`` (still tracked)."""
+    was measured; ``parent``: the track it divided from; ``merged_from``: the tracks that merged into it;
+    ``end``: ``leave``, ``merge`` or ``alive`` (still tracked)."""
 
     track_id: int
     first_frame: int
@@ -167,12 +175,14 @@ class Tracker:
     of the area change in a link's cost; ``gap_cost``: cost per missed frame, so a track seen in the
     previous frame wins over a lost one at the same distance; ``min_overlap_fraction``: share of the
     smaller mask two objects of consecutive frames must overlap by to count for divisions and merges;
-    ``overlap_events``: False skips step 1 (linking only: no divide or merge events).
+    ``overlap_events``: False skips step 2 (linking only: no divide or merge events); ``confirm_frames``:
+    observations a daughter needs before its division is reported.
     One instance per stream, from one thread.
     """
 
     def __init__(self, max_link_distance_px: float = 20.0, max_gap_frames: int = 2, area_weight: float = 0.1,
-                 gap_cost: float = 0.1, min_overlap_fraction: float = 0.2, overlap_events: bool = True) -> None:
+                 gap_cost: float = 0.1, min_overlap_fraction: float = 0.2, overlap_events: bool = True,
+                 confirm_frames: int = 3) -> None:
         if not max_link_distance_px > 0:
             raise TrackingError(f"max_link_distance_px must be > 0, got {max_link_distance_px}")
         if max_gap_frames < 0:
@@ -186,7 +196,12 @@ class Tracker:
         self.area_weight = float(area_weight)
         self.gap_cost = float(gap_cost)
         self.min_overlap_fraction = float(min_overlap_fraction)
+        if confirm_frames < 1:
+            raise TrackingError(f"confirm_frames must be >= 1, got {confirm_frames}")
         self.overlap_events = bool(overlap_events)
+        self.confirm_frames = int(confirm_frames)
+        self._daughters: dict[int, tuple[int, int]] = {}  # candidate daughter -> (parent, frame it appeared)
+        self._absorbed: dict[int, tuple[int, int]] = {}  # unseen track -> (track it went into, frame)
         self._open: dict[int, _Track] = {}  # alive tracks, seen or within their gap
         self._closed: list[_Track] = []
         self._next_id = 1
@@ -207,36 +222,58 @@ class Tracker:
         track.end = end
         self._closed.append(track)
 
-    def _topology(self, frame: int, objects: FrameObjects, track_ids: np.ndarray) -> list[TrackEvent]:
-        """Step 1: divisions and merges against the previous frame; fills ``track_ids`` of the new objects."""
+    def _topology(self, frame: int, objects: FrameObjects, track_ids: np.ndarray, new: np.ndarray) -> None:
+        """Step 2: note daughter candidates (among the ``new`` objects' tracks) and absorbed tracks."""
         previous = self._previous
         if not self.overlap_events or previous is None or not len(previous) or not len(objects):
-            return []
+            return
         if previous.shape != objects.shape:
             raise TrackingError(f"frame size changed from {previous.shape[1]}×{previous.shape[0]} to "
                                 f"{objects.shape[1]}×{objects.shape[0]}; start a new Tracker")
         overlaps = overlap_areas(previous, objects)
         smaller = np.minimum(previous.area_px[:, None], objects.area_px[None, :])
         linked = (overlaps > 0) & (overlaps >= self.min_overlap_fraction * smaller)
-        children_of, parents_of = linked.sum(axis=1), linked.sum(axis=0)
-        events = []
-        for i in np.flatnonzero(children_of >= 2):
-            children = np.flatnonzero(linked[i])
-            if np.all(parents_of[children] == 1):
-                parent = int(self._previous_ids[i])
-                self._close(parent, DIVIDE)
-                for j in children:
-                    track_ids[j] = self._start(frame, objects, j, parent=parent)
-                events.append(TrackEvent(DIVIDE, frame, (parent,), tuple(int(track_ids[j]) for j in children)))
-        for j in np.flatnonzero(parents_of >= 2):
-            sources = np.flatnonzero(linked[:, j])
-            if np.all(children_of[sources] == 1):
-                merged = tuple(int(self._previous_ids[i]) for i in sources)
-                for track_id in merged:
-                    self._close(track_id, MERGE)
-                track_ids[j] = self._start(frame, objects, j, merged_from=merged)
-                events.append(TrackEvent(MERGE, frame, merged, (int(track_ids[j]),)))
-        return events
+        now = {int(t): j for j, t in enumerate(track_ids)}
+        for j in new:
+            parents = np.flatnonzero(linked[:, j])
+            if len(parents) != 1:
+                continue
+            parent = int(self._previous_ids[parents[0]])
+            sibling = now.get(parent)
+            if sibling is not None and sibling != j and linked[parents[0], sibling]:
+                self._daughters[int(track_ids[j])] = (parent, frame)
+        for i, track_id in enumerate(self._previous_ids.tolist()):
+            if track_id in now or track_id not in self._open:
+                continue
+            for k in np.flatnonzero(linked[i]):
+                into = int(track_ids[k])
+                fragment_of = self._daughters.get(track_id, (None, 0))[0]
+                if into != track_id and into not in self._daughters and into != fragment_of:
+                    self._absorbed[track_id] = (into, frame)
+                    break
+
+    def _settle(self, frame: int, events: list[TrackEvent]) -> None:
+        """Report the divisions that have lasted, and end the tracks out of their gap (merge or leave)."""
+        for daughter, (parent, born) in list(self._daughters.items()):
+            track = self._open.get(daughter)
+            if track is not None and track.frames_observed >= self.confirm_frames and parent in self._open:
+                track.parent = parent
+                events.append(TrackEvent(DIVIDE, born, (parent,), (parent, daughter)))
+                del self._daughters[daughter]
+            elif track is None or frame - track.last_frame > self.max_gap_frames or parent not in self._open:
+                events.append(TrackEvent(ENTER, born, (), (daughter,)))
+                del self._daughters[daughter]
+        for track in list(self._open.values()):
+            if frame - track.last_frame <= self.max_gap_frames:
+                continue
+            into, when = self._absorbed.pop(track.track_id, (None, frame))
+            if into is not None and into in self._open:
+                self._close(track.track_id, MERGE)
+                self._open[into].merged_from += (track.track_id,)
+                events.append(TrackEvent(MERGE, when, (track.track_id, into), (into,)))
+            else:
+                self._close(track.track_id, LEAVE)
+                events.append(TrackEvent(LEAVE, frame, (track.track_id,), ()))
 
     def _link(self, frame: int, objects: FrameObjects, track_ids: np.ndarray) -> None:
         """Step 2: linear assignment of the objects without a track to the open tracks."""
@@ -249,7 +286,10 @@ class Tracker:
         missed = np.array([frame - t.last_frame - 1 for t in tracks], np.float64)
         distance = np.hypot(*(track_xy[:, None, :] - objects.centroid_xy[None, free, :]).transpose(2, 0, 1))
         area_change = np.abs(np.log(objects.area_px[free][None, :] / track_area[:, None]))
-        cost = distance / self.max_link_distance_px + self.area_weight * area_change + self.gap_cost * missed[:, None]
+        # A daughter not yet confirmed loses ties to the track it may have split from (a re-merge).
+        unconfirmed = np.array([_CANDIDATE_COST * (t.track_id in self._daughters) for t in tracks])
+        cost = (distance / self.max_link_distance_px + self.area_weight * area_change
+                + self.gap_cost * missed[:, None] + unconfirmed[:, None])
         cost[distance > self.max_link_distance_px] = _NO_LINK
         rows, cols = linear_sum_assignment(cost)
         for row, col in zip(rows, cols, strict=True):
@@ -262,15 +302,16 @@ class Tracker:
         if self._frame is not None and frame <= self._frame:
             raise TrackingError(f"frame {frame} after frame {self._frame}: frames must come in increasing order")
         track_ids = np.zeros(len(objects), np.int64)
-        events = self._topology(frame, objects, track_ids)
         self._link(frame, objects, track_ids)
-        for j in np.flatnonzero(track_ids == 0):
+        for track_id in track_ids[track_ids > 0].tolist():
+            self._absorbed.pop(track_id, None)  # seen again: it was only hidden
+        new = np.flatnonzero(track_ids == 0)
+        for j in new:
             track_ids[j] = self._start(frame, objects, int(j))
-            events.append(TrackEvent(ENTER, frame, (), (int(track_ids[j]),)))
-        for track in list(self._open.values()):
-            if frame - track.last_frame > self.max_gap_frames:
-                self._close(track.track_id, LEAVE)
-                events.append(TrackEvent(LEAVE, frame, (track.track_id,), ()))
+        self._topology(frame, objects, track_ids, new)
+        events = [TrackEvent(ENTER, frame, (), (int(track_ids[j]),)) for j in new
+                  if int(track_ids[j]) not in self._daughters]
+        self._settle(frame, events)
         self._frame, self._previous, self._previous_ids = frame, objects, track_ids
         return FrameTracks(frame, track_ids, tuple(events))
 

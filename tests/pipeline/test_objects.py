@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from app.config import ConfigError
+from app.config import ConfigError, load_config
 from app.config import OpticsConfig as Optics
 from app.errors import AppError
-from app.pipeline.objects import FrameObjects, ObjectMeasurer, ObjectsError
+from app.pipeline.objects import FrameObjects, ObjectMeasurer, ObjectsError, prominent_peaks
 
 measure = pytest.importorskip("skimage.measure")
 
@@ -189,3 +189,78 @@ def test_touching_discs_are_split_into_two_objects_and_a_convex_one_is_left_whol
     assert len(set(objects.component_id.tolist())) == 3
     for k in range(3):  # the component image agrees with each object's area
         assert np.count_nonzero(objects.mask(k)) == objects.area_px[k]
+
+
+def dome(shape: tuple[int, int], centre: tuple[float, float], radius: float, peak: float) -> np.ndarray:
+    """A hemispherical phase dome (rad), 0 outside the disc."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    r2 = ((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / radius**2
+    return peak * np.sqrt(np.clip(1.0 - r2, 0.0, None))
+
+
+def test_a_tilted_background_and_offset_do_not_change_the_phase_sum():
+    labels = np.zeros((96, 96), np.uint8)
+    cv2.circle(labels, (48, 48), 15, 1, -1)
+    cell = dome(labels.shape, (48, 48), 15.5, 2.0)
+    yy, xx = np.mgrid[0:96, 0:96]
+    background = 0.4 + 0.01 * xx - 0.015 * yy  # what a reference fit leaves: offset and tilt
+    phase = (cell + background).astype(np.float32)
+    truth = float(cell.sum())
+    plain = ObjectMeasurer(classes=[1])(labels, phase)
+    ringed = ObjectMeasurer(classes=[1], margin_px=3, ring_px=6)(labels, phase)
+    assert abs(float(plain.integrated_phase_rad_px[0]) - truth) > 0.05 * truth  # the offset costs mass
+    assert float(ringed.integrated_phase_rad_px[0]) == pytest.approx(truth, rel=1e-3)
+    assert float(ringed.mean_phase_rad[0]) == pytest.approx(truth / float(ringed.area_px[0]), rel=1e-3)
+
+
+def test_the_margin_collects_phase_blurred_past_the_drawn_edge():
+    labels = np.zeros((96, 96), np.uint8)
+    cv2.circle(labels, (48, 48), 12, 1, -1)  # the segmentation draws the cell too small
+    phase = cv2.GaussianBlur(dome(labels.shape, (48, 48), 15.0, 2.0).astype(np.float32), (0, 0), 1.5)
+    truth = float(phase.sum())
+    tight = ObjectMeasurer(classes=[1], margin_px=0, ring_px=0)(labels, phase)
+    grown = ObjectMeasurer(classes=[1], margin_px=5, ring_px=6)(labels, phase)
+    assert float(tight.integrated_phase_rad_px[0]) < 0.9 * truth
+    assert float(grown.integrated_phase_rad_px[0]) == pytest.approx(truth, rel=0.02)
+
+
+def test_a_neighbours_pixels_are_neither_summed_nor_taken_for_background():
+    labels = np.zeros((96, 128), np.uint8)
+    cv2.circle(labels, (40, 48), 14, 1, -1)
+    cv2.circle(labels, (72, 48), 14, 1, -1)  # 4 px apart: each is in the other's margin and ring
+    left, right = dome(labels.shape, (40, 48), 14.5, 1.0), dome(labels.shape, (72, 48), 14.5, 3.0)
+    objects = ObjectMeasurer(classes=[1], margin_px=3, ring_px=6)(labels, (left + right).astype(np.float32))
+    assert len(objects) == 2
+    sums = sorted(objects.integrated_phase_rad_px.tolist())
+    assert sums == pytest.approx(sorted([float(left.sum()), float(right.sum())]), rel=0.01)
+
+
+def test_margin_and_ring_must_not_be_negative():
+    with pytest.raises(ObjectsError, match="margin_px and ring_px"):
+        ObjectMeasurer(margin_px=-1)
+    with pytest.raises(ConfigError, match="objects.background_ring_px"):
+        load_config(None, ["objects.background_ring_px=-2"])
+
+
+def test_prominent_peaks_ignore_a_bump_on_one_cell_and_keep_two_cells():
+    shape = (64, 96)
+    one = dome(shape, (48, 32), 20, 2.0) + dome(shape, (52, 30), 4, 0.2)  # a nucleus-like bump
+    two = dome(shape, (30, 32), 16, 2.0) + dome(shape, (64, 32), 16, 1.6)
+    for values, expected in ((one, 1), (two, 2)):  # blurred as by the optics (sharp dome edges make ridges)
+        peaks = prominent_peaks(cv2.GaussianBlur(values.astype(np.float32), (0, 0), 2.0), 0.3)
+        assert cv2.connectedComponents(peaks, connectivity=8)[0] - 1 == expected
+
+
+def test_overlapping_cells_are_split_along_their_phase_valley():
+    shape = (80, 120)
+    left, right = dome(shape, (44, 40), 20, 2.5), dome(shape, (78, 40), 18, 2.0)
+    labels = ((left + right) > 0).astype(np.uint8)  # one blob with a shallow waist
+    phase = (left + right).astype(np.float32)
+    assert len(ObjectMeasurer(classes=[1])(labels, phase)) == 1
+    objects = ObjectMeasurer(classes=[1], split=True)(labels, phase)
+    assert len(objects) == 2
+    left_first = np.argsort(objects.centroid_xy[:, 0])
+    assert objects.centroid_xy[left_first, 0] == pytest.approx([44, 78], abs=2.5)
+    own = [(left > right) & (labels > 0), (right >= left) & (labels > 0)]
+    for k, truth in zip(left_first, own, strict=True):
+        assert np.count_nonzero(objects.mask(int(k)) & truth) >= 0.85 * np.count_nonzero(truth)

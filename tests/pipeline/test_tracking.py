@@ -100,13 +100,32 @@ def test_a_division_gives_one_divide_event_with_its_parent():
     divides = [e for e in events if e.kind == DIVIDE]
     assert len(divides) == 1 and not [e for e in events if e.kind in (MERGE, LEAVE)]
     mother, children = names[5]["mother"], {names[6]["left"], names[6]["right"]}
-    assert (divides[0].frame, divides[0].ended, set(divides[0].started)) == (6, (mother,), children)
+    assert mother in children  # the mother's id goes on with one daughter
+    (daughter,) = children - {mother}
+    assert (divides[0].frame, divides[0].ended, divides[0].started) == (6, (mother,), (mother, daughter))
+    assert [e.kind for e in events if daughter in e.started] == [DIVIDE]  # no enter for a daughter
     assert len({frame["other"] for frame in names}) == 1
     for name in ("left", "right"):
         assert len({frame[name] for frame in names[6:]}) == 1
     summary = {s.track_id: s for s in tracker.summaries(fps=1.0, pixel_size_um=1.0)}
-    assert summary[mother].end == DIVIDE and summary[mother].last_frame == 5
-    assert all(summary[child].parent == mother and summary[child].first_frame == 6 for child in children)
+    assert summary[mother].end == "alive" and summary[mother].last_frame == 15
+    assert summary[daughter].parent == mother and summary[daughter].first_frame == 6
+
+
+def test_a_split_that_lasts_less_than_confirm_frames_is_no_division_and_changes_no_id():
+    frames = []
+    for t in range(14):  # the segmentation splits the cell in two at frames 5 and 6 only
+        if t in (5, 6):
+            frames.append({"left": (69.0 + t, 80.0, 9.0), "right": (91.0 + t, 80.0, 9.0)})
+        else:
+            frames.append({"cell": (80.0 + t, 80.0, 14.0)})
+    names, events = run(Tracker(confirm_frames=3), frames)
+    cell = names[0]["cell"]
+    assert {frame["cell"] for frame in names if "cell" in frame} == {cell}
+    assert cell in {names[5]["left"], names[5]["right"]}
+    assert not [e for e in events if e.kind in (DIVIDE, MERGE)]
+    fragment = ({names[5]["left"], names[5]["right"]} - {cell}).pop()
+    assert [e.kind for e in events if fragment in e.ended + e.started] == [ENTER, LEAVE]
 
 
 def test_without_overlap_events_a_division_is_a_link_and_an_entry():
@@ -129,9 +148,25 @@ def test_two_tracks_into_one_component_give_a_merge_event():
     merges = [e for e in events if e.kind == MERGE]
     assert len(merges) == 1 and merges[0].frame == touching and len(merges[0].ended) == 2
     assert not [e for e in events if e.kind in (DIVIDE, LEAVE)]
+    (into,) = merges[0].started
+    absorbed = merges[0].ended[0]
+    assert merges[0].ended == (absorbed, into)
     summary = {s.track_id: s for s in tracker.summaries(fps=1.0, pixel_size_um=1.0)}
-    assert summary[merges[0].started[0]].merged_from == merges[0].ended
-    assert all(summary[t].end == MERGE for t in merges[0].ended)
+    assert summary[into].merged_from == (absorbed,) and summary[into].end == "alive"
+    assert summary[absorbed].end == MERGE
+
+
+def test_cells_that_touch_for_a_few_frames_keep_their_ids():
+    frames = []
+    for t in range(14):  # two cells pass each other; one component at frames 5 and 6
+        if t in (5, 6):
+            frames.append({"pair": (100.0, 100.0, 16.0)})
+        else:
+            frames.append({"left": (90.0, 100.0 - 2 * (t - 6), 9.0), "right": (110.0, 100.0 + 2 * (t - 6), 9.0)})
+    names, events = run(Tracker(max_gap_frames=3), frames)
+    assert {frame["left"] for frame in names if "left" in frame} == {names[0]["left"]}
+    assert {frame["right"] for frame in names if "right" in frame} == {names[0]["right"]}
+    assert not [e for e in events if e.kind in (DIVIDE, MERGE)]
 
 
 def test_random_walk_of_twenty_discs_is_tracked_without_switches():
