@@ -286,10 +286,18 @@ def background_corrected_sum(phase: np.ndarray, region: np.ndarray, ring: np.nda
         return region_sum
     weighted = cv2.moments(cv2.multiply(phase, ring, dtype=cv2.CV_32F))
     target = np.array([weighted["m00"], weighted["m10"], weighted["m01"]])
-    normal = np.array([[count, sx, sy], [sx, sxx, sxy], [sy, sxy, syy]])
-    if np.linalg.cond(normal) > 1e8:
-        return region_sum - region_count * target[0] / count
-    a, b, c = np.linalg.solve(normal, target)
+    # The plane about the ring's centroid: its tilt from the centred second moments, so a thin ring
+    # (a line: no tilt across it) is detected by its determinant alone.
+    mx, my = sx / count, sy / count
+    vxx, vxy, vyy = sxx - sx * mx, sxy - sx * my, syy - sy * my
+    determinant = vxx * vyy - vxy * vxy
+    offset = target[0] / count
+    if determinant <= 1e-9 * max(vxx * vyy, 1e-30):
+        return region_sum - region_count * offset
+    cx, cy = target[1] - mx * target[0], target[2] - my * target[0]
+    b = (cx * vyy - cy * vxy) / determinant
+    c = (cy * vxx - cx * vxy) / determinant
+    a = offset - b * mx - c * my
     return region_sum - (a * region_count + b * rx + c * ry)
 
 
@@ -311,7 +319,8 @@ class ObjectMeasurer:
             raise ObjectsError(f"margin_px and ring_px must be >= 0, got {margin_px} and {ring_px}")
         self.margin_px = int(margin_px)
         self.ring_px = int(ring_px)
-        self._grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * self.margin_px + 1,) * 2)
+        # A square margin: OpenCV dilates by a rectangle in two 1-D passes, 5-10× faster than by a disc.
+        self._grow = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * self.margin_px + 1,) * 2)
         if classes is not None and any(not 0 < int(c) < IGNORE_VALUE for c in classes):
             raise ObjectsError(f"object classes must be in 1..{IGNORE_VALUE - 1} (0 is background), got {list(classes)}")
         self.optics = optics or Optics()
@@ -402,9 +411,8 @@ class ObjectMeasurer:
         if not pad:
             return float(cv2.sumElems(cv2.multiply(values, inside, dtype=cv2.CV_64F))[0])
         occupied = (labels[rows, cols] != 0).view(np.uint8)
-        region = cv2.dilate(inside, self._grow)
-        region[(occupied > 0) & (inside == 0)] = 0  # a neighbour's pixels are its own
-        ring = np.zeros_like(inside) if not self.ring_px else 1 - cv2.dilate(occupied, self._grow)
+        region = cv2.subtract(cv2.dilate(inside, self._grow), cv2.subtract(occupied, inside))  # not a neighbour's
+        ring = (cv2.dilate(occupied, self._grow) == 0).view(np.uint8) if self.ring_px else np.zeros_like(inside)
         return background_corrected_sum(values, region, ring)
 
     def _objects(self, components: np.ndarray, component_count: int, rows: list[tuple[float, ...]],

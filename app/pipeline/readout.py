@@ -36,6 +36,12 @@ class FrameReadout:
     total_dry_mass_pg: float | None
     run: ReadOut | None = None  # the read-out that made it (its tracker's summaries, for --tracks)
 
+    def time_of(self, frame: int) -> float:
+        """Seconds since the first frame at an earlier ``frame`` of the run (a divide or merge event is
+        reported a few frames after it happened), at the run's frame rate."""
+        rate = self.run.frame_rate if self.run is not None else 1.0
+        return self.time_s - (self.frame - frame) / rate
+
 
 class ReadOut:
     """Label maps (+ phase) of one run, in frame order -> :class:`FrameReadout`. One per run (it holds

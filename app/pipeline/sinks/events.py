@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 
 
 class EventsSink:
-    """Every track event, one JSON object per line as it happens: ``frame``, ``time_s``, ``event``
-    (enter / leave / divide / merge), ``ended`` and ``started`` (lists of track ids)."""
+    """Every track event, one JSON object per line as it is reported: ``frame`` and ``time_s`` of when it
+    happened (a division or merge is reported once certain, a few frames later), ``event`` (enter /
+    leave / divide / merge), ``ended`` and ``started`` (lists of track ids)."""
 
     def __init__(self, path: str | Path, class_names: Sequence[str]) -> None:
         self._rows = RowWriter(SPEC, path, ("frame", "time_s", "event", "ended", "started"))
@@ -27,7 +28,7 @@ class EventsSink:
         if readout is None:
             raise SinkError("--events needs the object read-out, which this run does not make")
         for event in readout.tracks.events:
-            self._rows.put({"frame": event.frame, "time_s": round(readout.time_s, 6), "event": event.kind,
+            self._rows.put({"frame": event.frame, "time_s": round(readout.time_of(event.frame), 6), "event": event.kind,
                             "ended": list(event.ended), "started": list(event.started)})
         self.frames += 1
 
