@@ -278,7 +278,7 @@ class ObjectsConfig:
     max_link_distance_px: float = 30.0
     max_gap_frames: int = 3
     trail_frames: int = 12
-    mass_margin_px: int = 3
+    mass_margin_px: int = 4
     background_ring_px: int = 6
 
     def __post_init__(self) -> None:
