@@ -1,8 +1,10 @@
-"""What every command line shares: the parser, ``--config``/``--set``, ``-v``/``-q`` logging, and the one
-guarded main (:func:`app.errors.guarded_main`) that turns failures into one line and an exit code.
+"""What every command line shares: the parser, ``--config``/``--set``, ``--device``/``--half``,
+``-v``/``-q`` logging, and the one guarded main (:func:`app.errors.guarded_main`) that turns failures
+into one line and an exit code.
 
-Each CLI module (live, replay, export, train, evaluate, synth, benchmarks.fps) is thin: it builds a
-:class:`Parser`, calls the library, and runs its body through :func:`main_of`.
+Each CLI module (live, replay, export, train, evaluate, synth, info, benchmarks.fps; ``cellseg`` runs
+them all, :mod:`app.main`) is thin: it builds a :class:`Parser`, calls the library, and runs its body
+through :func:`main_of`.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from app.config import Config, load_config
-from app.errors import EXIT_USAGE, guarded_main
+from app.errors import EXIT_USAGE, UsageError, guarded_main
 
-__all__ = ["Parser", "add_config_arguments", "add_verbosity_arguments", "config_from_args", "guarded_main",
-           "setup_logging"]
+__all__ = ["Parser", "add_config_arguments", "add_device_arguments", "add_verbosity_arguments", "config_from_args",
+           "guarded_main", "setup_logging"]
+
+log = logging.getLogger("app")
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,14 +46,52 @@ def doc_parser(prog: str, doc: str) -> Parser:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config PATH`` and repeatable ``--set section.key=value`` to a CLI parser."""
     parser.add_argument("--config", metavar="PATH", default=None,
-                        help="configuration file (default: config.yaml in the repository)")
+                        help="configuration file (default: the shipped config.yaml, found from any directory)")
     parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides",
                         help="override one config value, e.g. --set preprocess.clahe=false (repeatable)")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Build the Config from the ``--config``/``--set`` arguments added by :func:`add_config_arguments`."""
-    return load_config(args.config, args.overrides)
+def config_from_args(args: argparse.Namespace, defaults: Sequence[str] = ()) -> Config:
+    """The Config from ``--config``, then ``defaults`` (``section.key=value``), ``--set``, and ``--device``/
+    ``--half`` (:func:`add_device_arguments`) when the parser has them, each winning over the one before."""
+    device = getattr(args, "device", None)
+    half = getattr(args, "half", False)
+    flags = [*([f"model.device={device}"] if device else []), *(["model.precision=fp16"] if half else [])]
+    config = load_config(args.config, [*defaults, *args.overrides, *flags])
+    if half:
+        _check_half(config.model.device)
+    return config
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_name(text: str) -> str:
+    """An argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"unknown device '{text}'; use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def add_device_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, half: bool = True) -> None:
+    """``--device auto|cpu|cuda|cuda:N`` (``model.device``) and, with ``half``, ``--half``
+    (``model.precision=fp16``)."""
+    parser.add_argument("--device", type=device_name, metavar="auto|cpu|cuda|cuda:N",
+                        help="where the model runs (model.device; auto = CUDA when present)")
+    if half:
+        parser.add_argument("--half", action="store_true",
+                            help="fp16 on CUDA (model.precision=fp16); an error with --device cpu, a warning "
+                                 "when auto finds no GPU")
+
+
+def _check_half(device: str) -> None:
+    if device == "cpu":
+        raise UsageError("--half runs fp16 on CUDA; the CPU runs fp32 (drop --half, or use --device cuda)")
+    if device == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            log.warning("--half: no CUDA device found, running fp32 on the CPU")
 
 
 def add_verbosity_arguments(parser: argparse.ArgumentParser) -> None:

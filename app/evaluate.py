@@ -23,12 +23,20 @@ from typing import Any
 import cv2
 import numpy as np
 
-from app.cli import Parser, add_config_arguments, config_from_args, main_of
+from app.cli import (
+    Parser,
+    add_config_arguments,
+    add_device_arguments,
+    add_verbosity_arguments,
+    config_from_args,
+    main_of,
+)
 from app.config import Config, replace
 from app.errors import EXIT_OK
 from app.files import write_text
 from app.pipeline.inference import Backend
 from app.pipeline.preprocess import PreprocessSettings, settings_from
+from app.resources import weights_file
 from app.training.evaluation import (
     EvalFrame,
     EvaluateError,
@@ -49,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a checkpoint on labelled data (per-class IoU and Dice), or predict on unlabelled "
                     "frames (class fractions and speed).",
         epilog="Exit status: 0 done, 1 failure during evaluation, 2 bad input.")
-    parser.add_argument("--weights", required=True, metavar="W.pt", help="checkpoint written by app.train")
+    parser.add_argument("--weights", metavar="W.pt",
+                        help="checkpoint written by app.train (default: model.weights, the shipped model)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", metavar="DIR|VIDEO",
                         help="folder with images/ and masks/ (or boxes.csv|json); a video, image folder or "
@@ -71,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="FILE", help="write the scores (compute() keys) and run details")
     parser.add_argument("--per-image", metavar="FILE.csv", help="write one row of scores per image")
     parser.add_argument("--masks", metavar="DIR", help="write the predicted label maps as DIR/NAME.png")
+    add_device_arguments(parser)
     add_config_arguments(parser)
+    add_verbosity_arguments(parser)
     return parser
 
 
@@ -96,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         raise EvaluateError(f"--sequences must be >= 1, got {args.sequences}")
     cfg = replace(cfg, synth=synth)
     sweep = parse_sweep(args.sweep, cfg) if args.sweep else None
+    args.weights = str(weights_file(args.weights or cfg.model.weights))
     model, meta = load_checkpoint(args.weights)
     settings = settings_from(cfg.preprocess, meta.in_channels, meta.normalization,
                              meta.train_config.get("preprocess"))
@@ -115,8 +127,8 @@ def _run(args: argparse.Namespace) -> int:
         data = Path(args.data)
         uri = str(data / "images") if (data / "images").is_dir() else args.data
         frames, what = unlabelled_frames(uri, cfg), f"{args.data} (no labels: prediction only)"
-    print(f"evaluating {args.weights} ({meta.arch}, {meta.num_classes} classes) on {what}, "
-          f"backend {getattr(backend, 'name', cfg.model.backend)}", file=sys.stderr)
+    _note(args, f"evaluating {args.weights} ({meta.arch}, {meta.num_classes} classes) on {what}, "
+          f"backend {getattr(backend, 'name', cfg.model.backend)}")
 
     masks_dir = Path(args.masks) if args.masks else None
 
@@ -135,12 +147,12 @@ def _run(args: argparse.Namespace) -> int:
                        "weights": args.weights, "data": what})
         path = Path(args.json)
         write_text(path, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+        _note(args, f"wrote {path}")
     if args.per_image:
         write_per_image(Path(args.per_image), result.per_image)
-        print(f"wrote {args.per_image}", file=sys.stderr)
+        _note(args, f"wrote {args.per_image}")
     if masks_dir:
-        print(f"wrote {result.frames} masks to {masks_dir}", file=sys.stderr)
+        _note(args, f"wrote {result.frames} masks to {masks_dir}")
     return EXIT_OK
 
 
@@ -183,8 +195,14 @@ def run_sweep(sweep: tuple[str, list[Any]], cfg: Config, args: argparse.Namespac
         path.write_text(json.dumps(json_safe({"sweep": key, "rows": rows, "weights": args.weights,
                                               "sequences": args.sequences, "seed": cfg.synth.seed,
                                               "with_background": args.with_background}), indent=2) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+        _note(args, f"wrote {path}")
     return EXIT_OK
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    """A progress line on stderr, unless ``-q``."""
+    if not args.quiet:
+        print(text, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from app.cli import Parser, add_config_arguments, config_from_args, main_of
+from app.cli import Parser, add_config_arguments, add_verbosity_arguments, config_from_args, main_of
 from app.config import replace
 from app.errors import EXIT_OK
 from app.synthesis import make_sequence
@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sequences", metavar="N", type=int, default=1,
                         help="write N sequences (seeds seed, seed+1, ...) as DIR/seq000, DIR/seq001, ... (default 1: DIR)")
     add_config_arguments(parser)
+    add_verbosity_arguments(parser)
     return parser
 
 
@@ -63,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         from app.synthesis.like import like
 
         measured = like(args.like)
-        print(f"app.synth: {args.like}: " + ", ".join(f"{k} {v:.3g}" for k, v in measured.items()), file=sys.stderr)
+        if not args.quiet:
+            print(f"app.synth: {args.like}: " + ", ".join(f"{k} {v:.3g}" for k, v in measured.items()),
+                  file=sys.stderr)
         synth = dataclasses.replace(synth, randomize=True, keep=tuple(sorted(set(synth.keep) | set(measured))),
                                     **measured)
     if args.sequences < 1:
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         video = args.video if args.sequences == 1 or args.video is None else \
             args.video.with_name(f"{args.video.stem}_{k:03d}{args.video.suffix}")
         seq = make_sequence(dataclasses.replace(synth, seed=synth.seed + k))
-        write_sequence(seq, out, video, fps, progress=sys.stderr.isatty())
+        write_sequence(seq, out, video, fps, progress=sys.stderr.isatty() and not args.quiet)
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ is a function of seed and epoch; augmentation draws depend on seed, epoch and sa
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import signal
 import sys
@@ -23,11 +24,21 @@ import threading
 import time
 from typing import Any
 
-from app.cli import Parser, add_config_arguments, config_from_args, main_of
+from app.cli import (
+    Parser,
+    add_config_arguments,
+    add_device_arguments,
+    add_verbosity_arguments,
+    config_from_args,
+    main_of,
+)
 from app.config import replace
 from app.errors import EXIT_INTERRUPTED, EXIT_OK
+from app.pipeline.backends.torch_backend import resolve_torch_device
 from app.training.trainer import EpochSummary, Progress, RunSpec, Trainer, TrainError
 from models import list_models
+
+log = logging.getLogger("app.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torchvision ImageNet checkpoint (state_dict .pth you downloaded) to start the "
                              "backbone from; needs width 1 (train.backbone_weights)")
     parser.add_argument("--out", metavar="FILE.pt", help="best checkpoint (default weights/MODEL.pt)")
-    parser.add_argument("--resume", metavar="STATE", help="continue a run from its NAME.last.pt (its own settings)")
+    parser.add_argument("--resume", metavar="STATE",
+                        help="continue a run from its NAME.last.pt (its own settings; --device may change)")
+    add_device_arguments(parser, half=False)  # mixed precision on CUDA is train.amp
     add_config_arguments(parser)
+    add_verbosity_arguments(parser)
     return parser
 
 
@@ -80,13 +94,17 @@ class _StopFlag:
 
 
 class _ProgressLine:
-    """A ``\r``-updated bar on stderr when it is a terminal; otherwise a plain line every 30 s."""
+    """A ``\r``-updated bar on stderr when it is a terminal; otherwise a plain line every 30 s; none
+    when ``quiet``."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.tty = sys.stderr.isatty()
+        self.quiet = quiet
         self._last_line = time.perf_counter()
 
     def __call__(self, event: Progress) -> None:
+        if self.quiet:
+            return
         filled = int(20 * event.step / event.steps)
         rate = event.step / event.seconds if event.seconds > 0 else 0.0
         text = (f"epoch {event.epoch}/{event.epochs} [{'#' * filled}{'.' * (20 - filled)}] {event.step}/"
@@ -119,7 +137,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     stop = _StopFlag()
     signal.signal(signal.SIGINT, stop.handle)
     signal.signal(signal.SIGTERM, stop.handle)
-    progress = _ProgressLine()
+    progress = _ProgressLine(quiet=args.quiet)
     try:
         if args.resume:
             given = [flag for flag, value in (("--data", args.data), ("--synthetic", args.synthetic or None),
@@ -128,18 +146,18 @@ def run(args: argparse.Namespace, command: str) -> int:
             given += [f"--{key.replace('_', '-')}" for key in _flag_overrides(args)]
             if given:
                 raise TrainError(f"--resume continues a run with its own settings; drop {', '.join(given)}")
-            trainer = Trainer.resume(args.resume)
-            print(f"resuming {trainer.cfg.train.model} at epoch {trainer.epoch + 1}, step {trainer.step}",
-                  file=sys.stderr)
+            device = resolve_torch_device(args.device) if args.device else None
+            trainer = Trainer.resume(args.resume, device)
+            log.info("resuming %s at epoch %d, step %d", trainer.cfg.train.model, trainer.epoch + 1, trainer.step)
         else:
             cfg = config_from_args(args)
             cfg = replace(cfg, train=_flag_overrides(args))
             out = args.out or f"weights/{cfg.train.model}.pt"
             trainer = Trainer(cfg, RunSpec(args.data, out, command))
         source = trainer.run.data or "synthetic interferograms"
-        print(f"training {trainer.cfg.train.model} on {source}: {len(trainer.train_set)} training frames, "
-              f"{len(trainer.val_set) if trainer.val_set is not None else 0} validation frames, "
-              f"{trainer.steps_per_epoch} steps/epoch, device {trainer.device}", file=sys.stderr)
+        log.info("training %s on %s: %d training frames, %d validation frames, %d steps/epoch, device %s",
+                 trainer.cfg.train.model, source, len(trainer.train_set),
+                 len(trainer.val_set) if trainer.val_set is not None else 0, trainer.steps_per_epoch, trainer.device)
 
         def summary(record: EpochSummary) -> None:
             progress.clear()
@@ -150,13 +168,13 @@ def run(args: argparse.Namespace, command: str) -> int:
         progress.clear()
     spec = trainer.run
     if result.interrupted:
-        print(f"interrupted: state saved to {spec.last_path}; continue with python -m app.train --resume "
-              f"{spec.last_path}", file=sys.stderr)
+        log.warning("interrupted: state saved to %s; continue with python -m app.train --resume %s",
+                    spec.last_path, spec.last_path)
         return EXIT_INTERRUPTED
     reason = "early stop" if result.stopped_early else "done"
     best = "n/a" if result.best_miou is None else f"{result.best_miou:.4f}"
-    print(f"{reason} after {result.epochs_done} epochs; best val mIoU {best}; wrote {spec.out}, {spec.last_path}, "
-          f"{spec.history_path}", file=sys.stderr)
+    log.info("%s after %d epochs; best val mIoU %s; wrote %s, %s, %s", reason, result.epochs_done, best, spec.out,
+             spec.last_path, spec.history_path)
     return EXIT_OK
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +27,8 @@ from app.errors import (
     guarded_main,
 )
 
-COMMANDS = ("app.live", "app.replay", "app.export", "app.train", "app.evaluate", "app.synth", "benchmarks.fps")
+COMMANDS = ("app.live", "app.replay", "app.export", "app.train", "app.evaluate", "app.synth", "benchmarks.fps",
+            "app.info")
 
 
 def run_main(module: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
@@ -55,6 +58,7 @@ BAD_INPUT = {
     "app.evaluate": ["--weights", "/no/such/weights.pt", "--synthetic"],
     "app.synth": ["--out", "OUT", "--set", "synth.size=-3"],
     "benchmarks.fps": ["--sections", "nonsense"],
+    "app.info": ["/no/such/weights.pt"],
 }
 
 
@@ -211,3 +215,155 @@ def test_bad_optics_are_one_line_and_exit_2(capsys):
     code, lines = run_main("app.replay", ["synthetic", "--set", "optics.wavelength_nm=-633"], capsys)
     assert code == EXIT_USAGE
     assert lines == ["app.replay: error: optics.wavelength_nm must be a number > 0, got -633.0"]
+
+
+# -- the flags every command shares (app.cli) ------------------------------------------------------------
+
+SHARED = ("--config", "--set", "-v", "-q")
+DEVICE = {"app.live": ("--device", "--half"), "app.replay": ("--device", "--half"),
+          "app.evaluate": ("--device", "--half"), "benchmarks.fps": ("--device", "--half"),
+          "app.export": ("--half",), "app.train": ("--device",), "app.synth": (), "app.info": ()}
+REQUIRED = {"app.replay": ["SEQ"], "app.evaluate": ["--synthetic"], "app.synth": ["--out", "OUT"]}
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_shared_flag_is_in_help(module, capsys):
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main(["--help"])
+    assert done.value.code == EXIT_OK
+    text = capsys.readouterr().out
+    for flag in (*SHARED, *DEVICE[module], "--device", "--half"):
+        shown = re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text) is not None
+        assert shown == (flag in (*SHARED, *DEVICE[module])), (module, flag)
+
+
+def _config_of(module, argv):
+    from app.cli import config_from_args
+
+    mod = importlib.import_module(module)
+    parser = (getattr(mod, "build_parser", None) or mod._parser)()
+    return config_from_args(parser.parse_args([*REQUIRED.get(module, []), *argv]))
+
+
+@pytest.mark.parametrize("module", [m for m in COMMANDS if "--device" in DEVICE[m]])
+def test_device_and_set_reach_the_model_config(module, monkeypatch, caplog):
+    config = _config_of(module, ["--device", "cuda:1", "--set", "pipeline.batch_size=3", "-q"])
+    assert (config.model.device, config.pipeline.batch_size) == ("cuda:1", 3)
+    if "--half" in DEVICE[module]:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with caplog.at_level("WARNING"):
+            assert _config_of(module, ["--half"]).model.precision == "fp16"
+        assert "no CUDA device found, running fp32 on the CPU" in caplog.text
+
+
+@pytest.mark.parametrize("module", [m for m in COMMANDS if "--half" in DEVICE[m] and m != "app.export"])
+def test_half_on_the_cpu_is_one_line_and_exit_2(module, capsys, tmp_path):
+    argv = [str(tmp_path) if arg == "SEQ" else arg for arg in REQUIRED.get(module, [])]
+    code, lines = run_main(module, [*argv, "--device", "cpu", "--half"], capsys)
+    assert code == EXIT_USAGE
+    assert len(lines) == 1 and "--half runs fp16 on CUDA" in lines[0], lines
+
+
+@pytest.mark.parametrize("module", [m for m in COMMANDS if "--device" in DEVICE[m]])
+def test_an_unknown_device_is_one_line_and_exit_2(module, capsys):
+    code, lines = run_main(module, [*REQUIRED.get(module, []), "--device", "tpu"], capsys)
+    assert code == EXIT_USAGE and len(lines) == 1 and "unknown device 'tpu'" in lines[0], lines
+
+
+def test_export_half_is_its_fp16_graph_and_takes_the_config():
+    import app.export
+
+    args = app.export.build_parser().parse_args(["--half", "--set", "model.precision=fp16"])
+    assert args.fp16 and args.weights is None  # the weights default to model.weights
+
+
+def test_quiet_synth_writes_nothing_on_stderr(tmp_path, capfd):
+    import app.synth
+
+    assert app.synth.main(["--out", str(tmp_path / "seq"), "--frames", "1", "--size", "32", "-q"]) == EXIT_OK
+    assert capfd.readouterr().err == ""
+    assert (tmp_path / "seq" / "images" / "000000.png").is_file()
+
+
+# -- cellseg COMMAND (app.main) --------------------------------------------------------------------------
+
+def test_cellseg_lists_every_command_and_each_one_is_its_module(capsys):
+    from app.main import COMMANDS as REGISTRY
+    from app.main import main
+
+    assert main(["--help"]) == EXIT_OK
+    listing = capsys.readouterr().out
+    assert set(REGISTRY) == {"live", "replay", "export", "train", "evaluate", "synth", "bench", "info", "batch"}
+    assert REGISTRY["bench"][0] == "benchmarks.fps" and REGISTRY["info"][0] == "app.info"
+    for name, (module, _) in REGISTRY.items():
+        assert f"  {name} " in listing
+        if module in COMMANDS:
+            assert callable(importlib.import_module(module).main)
+
+
+def test_cellseg_runs_the_command_with_the_rest_of_the_arguments(capsys, tmp_path):
+    from app.main import main
+
+    assert main(["synth", "--out", str(tmp_path / "seq"), "--frames", "1", "--size", "32", "-q"]) == EXIT_OK
+    assert (tmp_path / "seq" / "meta.json").is_file()
+    assert main(["info", "/no/such.pt"]) == EXIT_USAGE
+    assert capsys.readouterr().err.strip().startswith("app.info: error: ")
+
+
+def test_cellseg_unknown_or_missing_command_is_one_line_and_exit_2(capsys, monkeypatch):
+    import app.main
+
+    assert app.main.main(["replya"]) == EXIT_USAGE
+    assert capsys.readouterr().err.strip() == "cellseg: error: unknown command 'replya'; did you mean 'replay'? (see --help)"
+    assert app.main.main([]) == EXIT_USAGE
+    assert "usage: cellseg COMMAND" in capsys.readouterr().err
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+
+    monkeypatch.setattr(app.main.importlib, "import_module", missing)
+    assert app.main.main(["batch", "x"]) == EXIT_USAGE
+    assert capsys.readouterr().err.strip() == (
+        "cellseg: error: 'batch' is not available in this installation (app.batch is missing)")
+
+
+def test_python_dash_m_app_is_cellseg(repo_root):
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "app", "--help"], cwd=repo_root, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "usage: cellseg COMMAND" in done.stdout and "  bench " in done.stdout
+
+
+def test_train_resume_takes_device(monkeypatch):
+    import torch
+
+    import app.train
+    from app.training.trainer import TrainError
+
+    asked = []
+
+    def resume(path, device=None):
+        asked.append((path, device))
+        raise TrainError("stop here")
+
+    monkeypatch.setattr(app.train.Trainer, "resume", resume)
+    assert app.train.main(["--resume", "run.last.pt", "--device", "cpu"]) == EXIT_USAGE
+    assert asked == [("run.last.pt", torch.device("cpu"))]
+
+
+def test_evaluate_and_export_default_to_the_shipped_weights_from_any_directory(tmp_path, monkeypatch, capfd):
+    import app.evaluate
+    import app.export
+    from app.resources import in_package
+
+    monkeypatch.chdir(tmp_path)
+    assert app.evaluate.main(["--synthetic", "--frames", "1", "--size", "64", "--device", "cpu", "-q"]) == EXIT_OK
+    captured = capfd.readouterr()
+    assert "mean" in captured.out and captured.err == ""
+    shipped = Path(app.export.__file__).parent / "_data" / "weights" / "icnet_interferogram.pt"
+    assert in_package(shipped) and not in_package(tmp_path / "w.pt")
+    assert app.export.default_out(shipped) == Path("icnet_interferogram.onnx")  # never into the package
+    assert app.export.default_out(tmp_path / "w.pt") == tmp_path / "w.onnx"

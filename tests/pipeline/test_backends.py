@@ -103,20 +103,46 @@ def test_onnx_provider_preference(monkeypatch: pytest.MonkeyPatch, gpu: bool, av
     assert onnx_providers("auto") == expected
 
 
-def test_create_backend_exports_next_to_the_weights_when_missing_or_stale(tmp_path: Path, weights: Path) -> None:
-    local = tmp_path / weights.name
+def test_the_onnx_graph_is_cached_per_weights_content_outside_the_weights_folder(
+        tmp_path: Path, weights: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    local = folder / weights.name
     local.write_bytes(weights.read_bytes())
-    model, meta = load_checkpoint(local)
-    config = ModelConfig(weights=str(local), backend="onnx", device="cpu", threads=1)
-    backend = create_backend(config, model, meta.in_channels, local)
-    exported = local.with_suffix(".onnx")
-    assert isinstance(backend, OnnxBackend) and exported.is_file()
-    first = exported.stat().st_mtime_ns
-    create_backend(config, model, meta.in_channels, local)
-    assert exported.stat().st_mtime_ns == first  # up to date: not exported again
-    os.utime(exported, ns=(first - 10**10, first - 10**10))  # now older than the weights
-    create_backend(config, model, meta.in_channels, local)
-    assert exported.stat().st_mtime_ns > first - 10**10
+    folder.chmod(0o555)  # an installed package's folder: nothing may be written beside the weights
+    try:
+        model, meta = load_checkpoint(local)
+        config = ModelConfig(weights=str(local), backend="onnx", device="cpu", threads=1)
+        with caplog.at_level("INFO"):
+            backend = create_backend(config, model, meta.in_channels, local)
+        (cached,) = (tmp_path / "cache" / "cellseg" / "onnx").glob("icnet-*.onnx")
+        assert isinstance(backend, OnnxBackend) and sorted(folder.iterdir()) == [local]
+        assert [r.message for r in caplog.records if "ONNX graph" in r.message] == \
+            [f"ONNX graph: exported {local} to {cached}"]
+        first = cached.stat().st_mtime_ns
+        create_backend(config, model, meta.in_channels, local)
+        assert cached.stat().st_mtime_ns == first  # the same weights: not exported again
+    finally:
+        folder.chmod(0o755)
+    other = tmp_path / "other.pt"  # other weights of the same name get their own graph
+    torch.manual_seed(1)
+    save_checkpoint(other, build_model("icnet", num_classes=3, in_channels=1, **OPTIONS), arch="icnet",
+                    options=OPTIONS, class_names=("a", "b", "c"), palette=None, input_size=64,
+                    normalization={"mode": "standardize"})
+    renamed = other.rename(tmp_path / "icnet.pt")
+    create_backend(ModelConfig(weights=str(renamed), backend="onnx", device="cpu", threads=1), model,
+                   meta.in_channels, renamed)
+    assert len(list((tmp_path / "cache" / "cellseg" / "onnx").glob("icnet-*.onnx"))) == 2
+
+
+def test_model_onnx_path_is_used_as_it_is(tmp_path: Path, weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model, meta = load_checkpoint(weights)
+    graph = export_onnx(model, tmp_path / "mine.onnx", in_channels=meta.in_channels)
+    config = ModelConfig(weights=str(weights), backend="onnx", device="cpu", threads=1, onnx_path=str(graph))
+    assert isinstance(create_backend(config, model, meta.in_channels, weights), OnnxBackend)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_create_backend_torch(weights: Path) -> None:

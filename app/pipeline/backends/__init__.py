@@ -43,8 +43,8 @@ def create_backend(model_cfg: ModelConfig, model: Any, in_channels: int, weights
 
     ``concurrent``: inference shares the CPU with other pipeline stages (picks the automatic thread
     count, see :func:`inference_threads`); False for a backend that runs alone, such as evaluation.
-    ``onnx_path``: where an ONNX backend exports the graph (default: ``model.onnx_path``, else beside the
-    weights, re-exported when older than them).
+    ``onnx_path``: where an ONNX backend exports the graph (default: ``model.onnx_path``, else the user's
+    cache folder, keyed by the weights' content; see :func:`app.pipeline.backends.onnx_backend.build`).
     """
     module = BACKENDS.get(model_cfg.backend)
     if module is None:

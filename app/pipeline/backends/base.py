@@ -24,7 +24,7 @@ class BackendError(AppError, RuntimeError):
 class BuildRequest:
     """Everything a backend module's ``build(request)`` gets: the ``model`` section, the model in eval
     mode, its input channels, the weights it came from, the thread count, and where an exported graph
-    goes (``onnx_path``; None = beside the weights, or ``model.onnx_path`` when set)."""
+    goes (``onnx_path``; None = the user's cache folder, or ``model.onnx_path`` when set)."""
 
     settings: ModelConfig
     model: Any

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,10 @@ import torch
 from app.errors import first_line
 from app.pipeline.backends.base import BackendError, BuildRequest, check_batch
 from app.pipeline.backends.torch_backend import PRECISIONS, resolve_torch_device
+from app.resources import cache_dir, content_key
 from models.onnx_export import LABELS_NAME, LOGITS_NAME, ExportError, export_onnx
+
+log = logging.getLogger(__name__)
 
 
 def onnx_providers(device: str = "auto") -> list[str]:
@@ -107,21 +111,35 @@ class OnnxBackend:
             self.predict(zeros)
 
 
+def cached_graph(weights_path: Path) -> Path:
+    """Where the graph exported from ``weights_path`` is cached: the user's cache folder
+    (:func:`app.resources.cache_dir`), named after the weights and keyed by their content, so that
+    changed weights get a new graph and the weights' own folder (inside an installed package, perhaps
+    read-only) is never written to."""
+    if not weights_path.is_file():
+        raise BackendError(f"{weights_path}: weights file not found (the ONNX graph is exported from it); "
+                           "or run a graph of your own with model.onnx_path")
+    return cache_dir() / "onnx" / f"{weights_path.stem}-{content_key(weights_path)}.onnx"
+
+
 def build(request: BuildRequest) -> OnnxBackend:
-    """An ONNX Runtime session on the graph at ``request.onnx_path``, ``model.onnx_path``, or else beside
-    the weights (``weights.with_suffix(".onnx")``), exported first when missing or older than the weights."""
+    """An ONNX Runtime session on ``model.onnx_path`` when set (used as it is), else on the graph at
+    ``request.onnx_path`` (exported when missing or older than the weights), else on the graph cached for
+    these weights (:func:`cached_graph`, exported when missing). One log line names the graph."""
     settings = request.settings
-    if request.onnx_path is not None:
-        onnx_path = request.onnx_path
-    elif settings.onnx_path:
+    if request.onnx_path is None and settings.onnx_path:
         onnx_path = Path(settings.onnx_path)
+        log.info("ONNX graph: %s (model.onnx_path)", onnx_path)
     else:
-        onnx_path = request.weights_path.with_suffix(".onnx")
-    if request.onnx_path is not None or not settings.onnx_path:
+        onnx_path = request.onnx_path or cached_graph(request.weights_path)
         weights_mtime = request.weights_path.stat().st_mtime if request.weights_path.exists() else 0.0
-        if not onnx_path.exists() or onnx_path.stat().st_mtime < weights_mtime:
+        if onnx_path.exists() and onnx_path.stat().st_mtime >= weights_mtime:
+            log.info("ONNX graph: %s (exported earlier from %s)", onnx_path, request.weights_path)
+        else:
             try:
+                onnx_path.parent.mkdir(parents=True, exist_ok=True)
                 export_onnx(request.model, onnx_path, in_channels=request.in_channels)
-            except ExportError as exc:
-                raise BackendError(str(exc)) from None
+            except (ExportError, OSError) as exc:
+                raise BackendError(f"cannot export the ONNX graph to {onnx_path}: {first_line(exc)}") from None
+            log.info("ONNX graph: exported %s to %s", request.weights_path, onnx_path)
     return OnnxBackend(onnx_path, threads=request.threads, device=settings.device, precision=settings.precision)
