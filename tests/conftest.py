@@ -20,6 +20,13 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Exported ONNX graphs (the user cache, see app.pipeline.backends.onnx_backend) go to a temporary
+    folder, not the real ~/.cache, for this process and the CLIs it starts."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _torch_threads() -> None:
     try:
         import torch
