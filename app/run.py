@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from app.cli import add_config_arguments, add_verbosity_arguments, config_from_args
+from app.cli import add_config_arguments, add_device_arguments, add_verbosity_arguments, config_from_args
 from app.config import Config, replace
 from app.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError, deferred_interrupts
 from app.files import check_output
@@ -29,6 +29,7 @@ from app.pipeline.factory import build_stages
 from app.pipeline.runner import PipelineError, PipelineResult
 from app.pipeline.sinks import SINKS, check_outputs
 from app.pipeline.stats import format_table, write_json
+from app.preview import PreviewServer
 
 log = logging.getLogger("app")
 
@@ -111,6 +112,34 @@ class ProgressLine:
             self._drawn = False
 
 
+class ProgressBar:
+    """tqdm progress on a terminal: frames done of the expected total with the rate and an ETA; without
+    a total (a live or endless source) the count and the rate only."""
+
+    def __init__(self, stream: Any) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(file=stream, unit=" frames", dynamic_ncols=True, mininterval=0.2)
+
+    def __call__(self, done: int, total: int | None, fps: float) -> None:
+        if total != self._bar.total:
+            self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def finish(self) -> None:
+        self._bar.close()
+
+
+def make_progress(info: Any, stream: Any = None) -> ProgressBar | ProgressLine | None:
+    """The progress display for a source (``info``: its SourceInfo): a :class:`ProgressBar` when
+    ``stream`` (stderr by default) is a terminal, else the plain :class:`ProgressLine` for a finite source
+    and nothing for a live or endless one."""
+    stream = stream or sys.stderr
+    if getattr(stream, "isatty", lambda: False)():
+        return ProgressBar(stream)
+    return ProgressLine(stream) if info.frame_count else None
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, output and run flags shared by live and replay (each overrides one config value)."""
     model = parser.add_argument_group("model")
@@ -123,6 +152,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--background", metavar="FILE",
                        help="background hologram (the same field recorded without sample): the hologram stage "
                             "divides by its field, so tilt, aberrations and dust cancel (preprocess.background_file)")
+    add_device_arguments(model)
     outputs = parser.add_argument_group("outputs (any combination)")
     for spec in SINKS.values():
         outputs.add_argument(spec.flag, dest=f"sink_{spec.config_key}", metavar=spec.metavar,
@@ -174,8 +204,16 @@ def run_app(prog: str, config: Config, *, realtime: bool, num_classes: int | Non
             display = WindowDisplay(f"{prog}: {config.source.uri}")
         else:
             log.info("window off: %s", reason)
-    stages = build_stages(config, realtime=realtime, num_classes=num_classes)
-    progress = ProgressLine() if stages.source.info.frame_count else None
+    preview = PreviewServer(config.preview) if config.preview.address else None  # a busy port fails now
+    try:
+        stages = build_stages(config, realtime=realtime, num_classes=num_classes)
+    except BaseException:
+        if preview is not None:
+            preview.close()
+        raise
+    if preview is not None:  # a sink like the others: the runner closes it, which stops the server
+        stages.sinks.append(preview.open_sink(config.output, stages.meta.class_names, stages.meta.palette))
+    progress = make_progress(stages.source.info)
     try:  # from here the runner closes every stage; until it starts, this does
         log.info("%s: %s -> %s with %s (%s); %s", prog, config.source.uri,
                  ", ".join(outputs_of(config)) or "no files", weights, stages.inference.name,

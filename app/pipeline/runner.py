@@ -534,8 +534,19 @@ class Pipeline:
         return out
 
     def _source_done(self) -> bool:
+        """Whether ``max_frames`` frames were read (a file source) or came out of the sinks (a live
+        source, whose frames may be dropped on the way: ``--max-frames 30`` still gives 30 rows)."""
         limit = self.settings.max_frames
-        return bool(limit) and self.stats["source"].frames >= limit
+        counted = self._output.frames if self.source.live else self.stats["source"].frames
+        return bool(limit) and counted >= limit
+
+    def _within_limit(self, items: list[Any]) -> list[Any]:
+        """The items the sinks may still write: all, except those of a live source still on the way
+        once ``max_frames`` came out."""
+        limit = self.settings.max_frames
+        if not (limit and self.source.live):
+            return items
+        return items[:max(0, limit - self._output.frames)]
 
     def _close(self, stages: Sequence[Stage] | None = None) -> PipelineError | None:
         """Close ``stages`` (default: all), the sinks first; returns the first failure."""
@@ -551,10 +562,8 @@ class Pipeline:
 
     def _report_progress(self) -> None:
         if self.progress is not None:
-            expected = self.source.info.frame_count
-            if expected and self.settings.max_frames:
-                expected = min(expected, self.settings.max_frames)
-            self.progress(self._output.frames, expected, self._output.fps)
+            known = [count for count in (self.source.info.frame_count, self.settings.max_frames) if count]
+            self.progress(self._output.frames, min(known) if known else None, self._output.fps)
 
     def _result(self, mode: str, wall_s: float, stopped: str) -> PipelineResult:
         summaries = {name: stats.summary() for name, stats in self.stats.items()}
@@ -686,6 +695,8 @@ class _Threads:
         while True:
             stats.sample_queue(inbox.depth)
             items, ended = inbox.get_batch(self.stop, stage.batch_size, stage.batch_timeout_ms)
+            if outbox is None:
+                items = self.pipeline._within_limit(items)
             if items:
                 for item in self.pipeline._step(stage, items):
                     if outbox is not None:

@@ -13,6 +13,7 @@ URI                                    class                      policy
 ``0``, ``camera0``, ``/dev/video0``    :class:`CameraSource`      live
 ``rtsp://…``, ``http(s)://…``, …       :class:`StreamSource`      live, reconnects with backoff
 folder, glob (``dir/*.png``), image    :class:`ImageSequenceSource`  file: prefetched, in order
+``stack.tif``, ``run.ome.tiff``        :class:`TiffStackSource`   file: pages prefetched, in order
 any other file                         :class:`VideoFileSource`   file
 =====================================  =========================  ==================================
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import queue
 import re
 import sys
@@ -41,12 +43,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+from xml.etree import ElementTree
 
 import cv2
 import numpy as np
 
 from app.errors import AppError
-from app.pipeline.frames import END_OF_STREAM, EndOfStream, Frame, SourceInfo
+from app.pipeline.frames import END_OF_STREAM, IMAGE_SUFFIXES, EndOfStream, Frame, SourceInfo
 from app.pipeline.queues import POLL_S, put_dropping_oldest
 
 if TYPE_CHECKING:
@@ -54,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff")
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 
 
@@ -387,44 +390,53 @@ def _read_image(path: Path) -> np.ndarray:
     return image
 
 
-class ImageSequenceSource(Source):
-    """Numbered images (PNG/JPEG/TIFF/BMP, 8- or 16-bit, read unchanged) in natural order. File policy.
+class _PrefetchSource(Source):
+    """Frames at positions ``0 … count-1`` decoded ahead by reader threads and delivered in order. File policy.
 
-    ``prefetch_threads`` reader threads keep up to ``prefetch_depth`` images decoded ahead; frames are
-    still delivered in order. A frame's ``index`` is its file's position in ``paths`` (plus
-    ``len(paths)`` per completed pass with ``loop``) and its ``name`` the file name. An unreadable file
-    is skipped with a one-line warning and counted in ``frames_skipped``, leaving a gap in the indices,
-    so the frames after it keep theirs; with ``strict`` it raises :class:`SourceError`.
+    ``prefetch_threads`` reader threads keep up to ``prefetch_depth`` frames decoded ahead. A frame's
+    ``index`` is its position (plus ``count`` per completed pass with ``loop``). An unreadable frame is
+    skipped with a one-line warning and counted in ``frames_skipped``, leaving a gap in the indices, so
+    the frames after it keep theirs; with ``strict`` it raises :class:`SourceError`. Subclasses say how
+    to decode a position (:meth:`_load`, raising ``OSError``/``ValueError``), what it is called in
+    messages (:meth:`_what`) and its frame name (:meth:`_name`).
     """
 
-    def __init__(self, paths: list[Path], uri: str, prefetch_threads: int = 4, prefetch_depth: int = 16,
-                 strict: bool = False, loop: bool = False) -> None:
+    _wait_on_close = False
+    """Whether ``close`` waits for the reads already running (when it closes their file next)."""
+
+    def __init__(self, count: int, prefetch_threads: int, prefetch_depth: int, strict: bool, loop: bool) -> None:
         super().__init__()
-        if not paths:
-            raise SourceError(f"no images (png/jpg/tif/bmp) found in {uri}")
-        self.paths = paths
+        self.count = count
         self.strict = strict
         self.loop = loop
-        self.info = SourceInfo(uri, "images", live=False, frame_count=None if loop else len(paths))
-        self._executor = ThreadPoolExecutor(max_workers=max(1, prefetch_threads),
-                                            thread_name_prefix="prefetch")
+        self._executor = ThreadPoolExecutor(max_workers=max(1, prefetch_threads), thread_name_prefix="prefetch")
         self._depth = max(1, prefetch_depth)
-        self._pending: deque[tuple[int, Path, Future[np.ndarray]]] = deque()
-        self._next_path = 0
+        self._pending: deque[tuple[int, int, Future[np.ndarray]]] = deque()
+        self._next_position = 0
         self._passes = 0
         self._delivered_this_pass = 0
 
+    def _load(self, position: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _what(self, position: int) -> str:
+        raise NotImplementedError
+
+    def _name(self, position: int) -> str:
+        raise NotImplementedError
+
     def _fill(self) -> None:
         while len(self._pending) < self._depth:
-            if self._next_path >= len(self.paths):
+            if self._next_position >= self.count:
                 if not (self.loop and self._delivered_this_pass):
                     return
-                self._next_path = 0
+                self._next_position = 0
                 self._passes += 1
                 self._delivered_this_pass = 0
-            index, path = self._passes * len(self.paths) + self._next_path, self.paths[self._next_path]
-            self._next_path += 1
-            self._pending.append((index, path, self._executor.submit(_read_image, path)))
+            position = self._next_position
+            self._next_position += 1
+            self._pending.append((self._passes * self.count + position, position,
+                                  self._executor.submit(self._load, position)))
 
     def read(self, stop: threading.Event | None = None) -> Frame | EndOfStream:
         while True:
@@ -433,7 +445,7 @@ class ImageSequenceSource(Source):
             self._fill()
             if not self._pending:
                 return END_OF_STREAM
-            index, path, future = self._pending[0]
+            index, position, future = self._pending[0]
             image, problem = None, ""
             while True:
                 if stop is not None and stop.is_set():
@@ -443,25 +455,199 @@ class ImageSequenceSource(Source):
                     break
                 except FutureTimeout:
                     continue
-                except (OSError, ValueError, cv2.error) as exc:  # all mean: this file is unreadable
+                except (OSError, ValueError, cv2.error) as exc:  # all mean: this frame is unreadable
                     problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                     break
             self._pending.popleft()
             if image is None:
                 if self.strict:
-                    raise SourceError(f"cannot read image {path} ({problem})")
+                    raise SourceError(f"cannot read {self._what(position)} ({problem})")
                 self.frames_skipped += 1
-                log.warning("skipping unreadable image %s (%s)", path, problem)
+                log.warning("skipping unreadable %s (%s)", self._what(position), problem)
                 continue
             self._delivered_this_pass += 1
-            return self._frame(index, image, name=path.name)
+            return self._frame(index, image, name=self._name(position))
 
     def close(self) -> None:
         super().close()
         for _, _, future in self._pending:
             future.cancel()
         self._pending.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=self._wait_on_close, cancel_futures=True)
+
+
+class ImageSequenceSource(_PrefetchSource):
+    """Numbered images (PNG/JPEG/TIFF/BMP, 8- or 16-bit, read unchanged) in natural order. File policy.
+
+    Read ahead in parallel (see :class:`_PrefetchSource`). A frame's ``index`` is its file's position in
+    ``paths`` (plus ``len(paths)`` per completed pass with ``loop``) and its ``name`` the file name. An
+    unreadable file is skipped with a warning (or, with ``strict``, raises :class:`SourceError`).
+    """
+
+    def __init__(self, paths: list[Path], uri: str, prefetch_threads: int = 4, prefetch_depth: int = 16,
+                 strict: bool = False, loop: bool = False) -> None:
+        if not paths:
+            raise SourceError(f"no images (png/jpg/tif/bmp) found in {uri}")
+        super().__init__(len(paths), prefetch_threads, prefetch_depth, strict, loop)
+        self.paths = paths
+        self.info = SourceInfo(uri, "images", live=False, frame_count=None if loop else len(paths))
+
+    def _load(self, position: int) -> np.ndarray:
+        return _read_image(self.paths[position])
+
+    def _what(self, position: int) -> str:
+        return f"image {self.paths[position]}"
+
+    def _name(self, position: int) -> str:
+        return self.paths[position].name
+
+
+_LENGTH_UM = {"m": 1e6, "cm": 1e4, "mm": 1e3, "um": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, r"\u00B5m": 1.0,
+              "micron": 1.0, "microns": 1.0, "nm": 1e-3, "\u00c5": 1e-4}
+"""µm per unit of length, for OME units and ImageJ's (which may spell µ as the escape ``\\u00B5``)."""
+_TIME_S = {"s": 1.0, "ms": 1e-3, "\u00b5s": 1e-6, "us": 1e-6, "min": 60.0, "h": 3600.0}
+_RESOLUTION_UNIT_UM = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: inch, centimetre
+
+
+def _positive(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) and value > 0 else None
+
+
+def _ome_pixels(tif: Any) -> dict[str, str]:
+    """The attributes of the first OME ``Pixels`` element (namespace ignored), {} if unreadable."""
+    try:
+        root = ElementTree.fromstring(tif.ome_metadata)
+    except ElementTree.ParseError:
+        return {}
+    pixels = next((element for element in root.iter() if element.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    return dict(pixels.attrib) if pixels is not None else {}
+
+
+def _scaled(value: str | float | None, unit: str, table: Mapping[str, float]) -> float | None:
+    try:
+        return _positive(float(value) * table[unit.strip()]) if value is not None else None
+    except (KeyError, ValueError):
+        return None
+
+
+def tiff_pixel_size_um(tif: Any) -> float | None:
+    """µm per pixel from a TIFF's metadata: OME ``PhysicalSizeX`` (+ unit, µm by default), else the
+    XResolution tag in ImageJ's unit or the ResolutionUnit (inch, cm); None when it says nothing."""
+    if tif.is_ome:
+        pixels = _ome_pixels(tif)
+        size = _scaled(pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeXUnit", "\u00b5m"), _LENGTH_UM)
+        if size is not None:
+            return size
+    page = tif.pages[0]
+    resolution = page.tags.get("XResolution")
+    if resolution is None:
+        return None
+    numerator, denominator = resolution.value
+    if not numerator or not denominator:
+        return None
+    per_unit = numerator / denominator  # pixels per unit length
+    unit = page.tags.get("ResolutionUnit")
+    unit_um = _RESOLUTION_UNIT_UM.get(int(unit.value) if unit is not None else 2)
+    if unit_um is None and tif.is_imagej:
+        unit_um = _LENGTH_UM.get(str((tif.imagej_metadata or {}).get("unit", "")).strip())
+    return _positive(unit_um / per_unit) if unit_um else None
+
+
+def tiff_fps(tif: Any) -> float | None:
+    """Frames per second from OME ``TimeIncrement`` or ImageJ ``finterval``/``fps``; None when absent."""
+    if tif.is_ome:
+        pixels = _ome_pixels(tif)
+        interval = _scaled(pixels.get("TimeIncrement"), pixels.get("TimeIncrementUnit", "s"), _TIME_S)
+        if interval is not None:
+            return 1.0 / interval
+    if tif.is_imagej:
+        metadata = tif.imagej_metadata or {}
+        interval = _scaled(metadata.get("finterval"), "s", _TIME_S)
+        if interval is not None:
+            return 1.0 / interval
+        return _scaled(metadata.get("fps"), "s", _TIME_S)
+    return None
+
+
+def _page_image(page: Any) -> np.ndarray:
+    """One TIFF page as a frame: H×W gray or H×W×3 BGR, dtype unchanged; ``ValueError`` when it cannot be
+    decoded (tifffile and its codecs raise many kinds of error for a damaged page)."""
+    try:
+        image = page.asarray()
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means: this page is unreadable
+        raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    if image.ndim == 3 and page.planarconfig == 2:  # separate planes: samples first
+        image = np.moveaxis(image, 0, -1)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR if image.shape[-1] == 3
+                            else cv2.COLOR_RGBA2BGR)
+    if image.ndim != 2:
+        raise ValueError(f"a page of shape {image.shape} is not a gray or RGB image")
+    return image
+
+
+class TiffStackSource(_PrefetchSource):
+    """The pages of a (multi-page, OME-) TIFF, read page by page through tifffile, as a sequence. File policy.
+
+    The pages of the file's first series (all pages of a plain stack; the images of an OME-TIFF) are
+    frames in file order, 8- or 16-bit unchanged, RGB turned into BGR; read ahead like an image sequence
+    (see :class:`_PrefetchSource`). Page k is named ``<stem>_p<k>`` (``stack_p000``…, wider when the
+    stack has over 1000 pages); a single-page TIFF keeps its file name, as in an image sequence.
+    ``info.pixel_size_um`` and ``info.fps`` come from the metadata (:func:`tiff_pixel_size_um`,
+    :func:`tiff_fps`). A damaged page is skipped with a warning (or, with ``strict``, raises
+    :class:`SourceError`); a file that is not a TIFF, or pages that are not 8/16-bit unsigned integers,
+    raise :class:`SourceError` when opened.
+    """
+
+    _wait_on_close = True  # the file is closed next
+
+    def __init__(self, path: str | Path, prefetch_threads: int = 4, prefetch_depth: int = 16,
+                 strict: bool = False, loop: bool = False) -> None:
+        import tifffile
+
+        self.path = Path(path)
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+        except (OSError, ValueError, tifffile.TiffFileError) as exc:
+            raise SourceError(f"cannot read TIFF {self.path} ({exc})") from exc
+        try:
+            series = self._tif.series
+            pages = [page for page in series[0].pages if page is not None] if series else []
+            if not pages:
+                raise SourceError(f"TIFF {self.path} holds no image")
+            dtype = np.dtype(pages[0].dtype)
+            if dtype not in (np.uint8, np.uint16):
+                raise SourceError(f"TIFF {self.path} has {dtype} pages; only 8- or 16-bit unsigned integer "
+                                  f"images are read")
+            self._tif.filehandle.set_lock(True)  # the reader threads share one file
+            self.pixel_size_um = tiff_pixel_size_um(self._tif)
+            fps = tiff_fps(self._tif)
+        except BaseException:
+            self._tif.close()
+            raise
+        self.pages = pages
+        super().__init__(len(pages), prefetch_threads, prefetch_depth, strict, loop)
+        self.info = SourceInfo(str(path), "tiff", live=False, fps=fps, frame_count=None if loop else len(pages),
+                               pixel_size_um=self.pixel_size_um)
+        stem = self.path.name.split(".", 1)[0] if ".ome." in self.path.name.lower() else self.path.stem
+        self._stem, self._digits = stem, max(3, len(str(len(pages) - 1)))
+
+    def _load(self, position: int) -> np.ndarray:
+        return _page_image(self.pages[position])
+
+    def _what(self, position: int) -> str:
+        return f"page {position} of {self.path}"
+
+    def _name(self, position: int) -> str:
+        return self.path.name if self.count == 1 else f"{self._stem}_p{position:0{self._digits}d}"
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        self._tif.close()
 
 
 class SyntheticSource(Source):
@@ -470,7 +656,8 @@ class SyntheticSource(Source):
     Frame ``k`` of the sequence is due at ``t0 + k / fps``. ``read`` waits for the next due frame;
     when called late it jumps to the newest due frame and counts the missed ones in ``frames_dropped``,
     as a camera would. ``fps <= 0`` (``paced=False``) delivers frames as fast as they are read with
-    file semantics (used by replay). Ends after ``synth.frames`` frames unless ``loop``.
+    file semantics (used by replay). Ends after ``synth.frames`` frames unless ``loop``. ``info.fps`` is
+    ``fps`` either way: the rate the sequence is meant to play at (e.g. in an MP4 of it).
     """
 
     def __init__(self, synth: SynthConfig, fps: float, loop: bool = False, paced: bool = True) -> None:
@@ -484,7 +671,7 @@ class SyntheticSource(Source):
         self.fps = fps if paced else 0.0
         self.loop = loop
         live = self.fps > 0
-        self.info = SourceInfo("synthetic", "synthetic", live=live, fps=self.fps or None,
+        self.info = SourceInfo("synthetic", "synthetic", live=live, fps=fps if fps > 0 else None,
                                frame_count=None if loop else len(self.sequence))
         self._t0: float | None = None
         self._next = 0
@@ -545,6 +732,8 @@ def source_kind(uri: str) -> tuple[str, str]:
                           f"/dev/video0), a file, a folder, a glob, synthetic or one of "
                           f"{', '.join(s + '://' for s in STREAM_SCHEMES)}")
     path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() in TIFF_SUFFIXES:
+        return "tiff", text
     if path.is_dir() or (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES):
         return "images", text
     if path.is_file():
@@ -571,19 +760,52 @@ def _open_stream(target: str, config: Config, realtime: bool) -> Source:
     return StreamSource(target, config.source)
 
 
+def _frames_folder(folder: Path, config: Config) -> Path:
+    """Where a folder's frames are: a dataset or app.synth folder (images/, masks/, background.png)
+    keeps them in images/, which is used with a hint (and one to pass its background hologram)."""
+    images = folder / "images"
+    if not images.is_dir():
+        return folder
+    background = folder / "background.png"
+    tip = (f"; add --background {background} to divide by its background hologram"
+           if background.is_file() and not config.preprocess.background_file else "")
+    log.info("%s: reading the frames in %s%s", folder, images, tip)
+    return images
+
+
 def _open_images(target: str, config: Config, realtime: bool) -> Source:
     path = Path(target).expanduser()
     if path.is_dir():
-        # A dataset or app.synth folder (images/, masks/, background.png): its frames are in images/.
-        frames_dir = path / "images" if (path / "images").is_dir() else path
-        paths = _image_paths(glob.escape(str(frames_dir)) + "/*")
+        paths = _image_paths(glob.escape(str(_frames_folder(path, config))) + "/*")
     elif path.is_file():
         paths = [path]
     else:
         paths = _image_paths(str(path))
         if not paths:
             raise SourceError(f"no images match '{target}'")
+    if paths and paths[0].suffix.lower() in TIFF_SUFFIXES:
+        if len(paths) == 1:  # a folder or glob of one stack
+            return TiffStackSource(paths[0], **_loader(config.source))
+        _warn_if_stack(paths[0])
     return ImageSequenceSource(paths, target, **_loader(config.source))
+
+
+def _warn_if_stack(path: Path) -> None:
+    """Say so when the first TIFF of a sequence has several pages: a sequence reads one page per file."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = len(tif.pages)
+    except (OSError, ValueError, tifffile.TiffFileError):
+        return  # the sequence reports it as unreadable
+    if pages > 1:
+        log.warning("%s has %d pages, but a folder or glob of TIFFs reads the first page of each; give one "
+                    "stack's path to read its pages", path, pages)
+
+
+def _open_tiff(target: str, config: Config, realtime: bool) -> Source:
+    return TiffStackSource(Path(target).expanduser(), **_loader(config.source))
 
 
 def _open_video(target: str, config: Config, realtime: bool) -> Source:
@@ -596,6 +818,7 @@ SOURCES: Mapping[str, SourceOpener] = MappingProxyType({
     "camera": _open_camera,
     "stream": _open_stream,
     "images": _open_images,
+    "tiff": _open_tiff,
     "video": _open_video,
 })
 """Source kind -> ``open(target, config, realtime)``. A new source is one module (or class here) plus

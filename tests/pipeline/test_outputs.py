@@ -316,7 +316,7 @@ def test_live_streams_rows_to_a_link_to_stdout_without_replacing_it(tiny_weights
     assert code == 0
     assert os.readlink(link) == "/dev/stdout" and leftovers(tmp_path) == []
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert len(rows) >= 1 and list(rows[0])[:4] == ["frame", "timestamp", "latency_ms", "components"]
+    assert len(rows) >= 1 and list(rows[0])[:4] == ["frame", "time_s", "latency_ms", "components"]
 
 
 @pytest.mark.parametrize("name, make", [

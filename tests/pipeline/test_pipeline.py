@@ -44,7 +44,8 @@ def file_sinks(tmp_path, name: str):
 
 
 def mask_indices(folder) -> list[int]:
-    return sorted(int(p.stem) for p in folder.iterdir())
+    """The frame numbers of the masks, named after the source images frame0.png …"""
+    return sorted(int(p.stem.removeprefix("frame")) for p in folder.iterdir())
 
 
 @pytest.mark.parametrize("runner", ["threaded", "sequential"])
@@ -72,7 +73,7 @@ def test_threaded_and_sequential_produce_identical_label_maps(tmp_path):
         args = (source, preprocessor, worker, renderer, sinks, pipeline_settings())
         (Pipeline(*args).run() if runner == "threaded" else run_sequential(*args))
     for index in range(6):
-        name = f"{index:06d}.png"
+        name = f"frame{index}.png"
         threaded = cv2.imread(str(tmp_path / "threaded" / "masks" / name), cv2.IMREAD_UNCHANGED)
         sequential = cv2.imread(str(tmp_path / "sequential" / "masks" / name), cv2.IMREAD_UNCHANGED)
         np.testing.assert_array_equal(threaded, sequential)
@@ -97,7 +98,7 @@ def test_labels_come_back_at_source_resolution_when_preprocessing_resizes(tmp_pa
     _, worker, renderer = make_stages(FakeBackend())
     sinks = [MaskFolderSink(tmp_path / "masks")]
     Pipeline(source, preprocessor, worker, renderer, sinks, pipeline_settings()).run()
-    mask = cv2.imread(str(tmp_path / "masks" / "000000.png"), cv2.IMREAD_UNCHANGED)
+    mask = cv2.imread(str(tmp_path / "masks" / "frame0.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (64, 64) and mask[32, 32] == 1 and mask[2, 2] == 0
 
 

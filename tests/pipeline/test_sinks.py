@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import time
 
@@ -51,19 +52,19 @@ def test_video_sink_writes_a_playable_file_under_a_temporary_name(tmp_path):
     sink.close()  # idempotent
     assert not partial_path(path).exists()
     assert count_video_frames(path) == (7, (48, 64))
-    assert sink.fourcc == "mp4v"
+    assert sink.codec == "h264" and sink.fps == 10
 
 
-def test_video_sink_falls_back_to_the_next_codec_and_fails_clearly_when_none_opens(tmp_path):
-    sink = VideoSink(tmp_path / "a.mp4", fourccs=("zzzz", "mp4v"))
+def test_video_sink_falls_back_to_the_next_opencv_codec_and_fails_clearly_when_none_opens(tmp_path):
+    sink = VideoSink(tmp_path / "a.avi", fourccs=("zzzz", "mp4v"))  # .avi: OpenCV, not H.264
     sink.write(items(1)[0])
     sink.close()
-    assert sink.fourcc == "mp4v" and count_video_frames(tmp_path / "a.mp4")[0] == 1
-    broken = VideoSink(tmp_path / "b.mp4", fourccs=("zzzz",))
+    assert sink.codec == "mp4v" and count_video_frames(tmp_path / "a.avi")[0] == 1
+    broken = VideoSink(tmp_path / "b.avi", fourccs=("zzzz",))
     with pytest.raises(SinkError, match="tried codecs zzzz"):
         broken.write(items(1)[0])
     broken.close()
-    assert not (tmp_path / "b.mp4").exists()
+    assert not (tmp_path / "b.avi").exists()
 
 
 def test_sinks_without_frames_leave_no_file(tmp_path):
@@ -103,6 +104,16 @@ def test_mask_folder_holds_one_uint8_png_per_frame(tmp_path):
     np.testing.assert_array_equal(mask, written[2].labels)
 
 
+def test_masks_are_named_after_the_source_frames_and_a_name_that_comes_round_again_keeps_both(tmp_path):
+    sink = MaskFolderSink(tmp_path / "masks")
+    named = [("frame7.png", 0), ("stack_p003", 1), ("shot.TIF", 2), ("frame7.png", 3)]  # the last: a second pass
+    for item, (name, index) in zip(items(4), named, strict=True):
+        sink.write(dataclasses.replace(item, frame=dataclasses.replace(item.frame, name=name, index=index)))
+    sink.close()
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == [
+        "frame7.png", "frame7_000003.png", "shot.png", "stack_p003.png"]
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_frame_stats_table_has_class_fractions_components_and_latency(tmp_path, suffix):
     path = tmp_path / f"stats{suffix}"
@@ -117,13 +128,22 @@ def test_frame_stats_table_has_class_fractions_components_and_latency(tmp_path, 
     else:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 3
-    assert list(rows[0]) == ["frame", "timestamp", "latency_ms", "components", "background", "cell"]
+    assert list(rows[0]) == ["frame", "time_s", "latency_ms", "components", "background", "cell"]
     row = rows[1]
     cell_fraction = (100 + 200) / (48 * 64)
     assert float(row["cell"]) == pytest.approx(cell_fraction, abs=1e-5)
     assert float(row["background"]) + float(row["cell"]) == pytest.approx(1.0, abs=1e-5)
     assert int(row["components"]) == 2 and int(row["frame"]) == 1
     assert float(row["latency_ms"]) == pytest.approx(6.0)
+
+
+def test_frame_stats_time_is_seconds_since_the_first_frame_not_a_clock_reading(tmp_path):
+    sink = FrameStatsSink(tmp_path / "t.jsonl", ["background", "cell"])
+    for index, item in enumerate(items(3)):  # captured 1000 s into some clock, 0.04 s apart
+        sink.write(dataclasses.replace(item, frame=dataclasses.replace(item.frame, timestamp=1000.0 + 0.04 * index)))
+    sink.close()
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [row["time_s"] for row in rows] == pytest.approx([0.0, 0.04, 0.08])
 
 
 def test_open_sinks_follows_the_output_config_and_bad_folders_fail_clearly(tmp_path):

@@ -342,6 +342,25 @@ def test_glob_and_formats_16_bit_png_tiff_jpeg(tmp_path):
     assert len(jpg) == 2 and jpg[0].image.dtype == np.uint8 and jpg[0].image.ndim == 2
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_a_folder_with_images_inside_reads_them_with_a_hint(tmp_path, caplog, background):
+    """What app.synth writes (images/, masks/, background.png) replays as it is."""
+    write_indexed_images(tmp_path / "seq" / "images", 3)
+    write_indexed_images(tmp_path / "seq" / "masks", 5)
+    if background:
+        cv2.imwrite(str(tmp_path / "seq" / "background.png"), np.zeros((8, 8), np.uint8))
+    with caplog.at_level("INFO", logger="app.pipeline.sources"), \
+            open_source(str(tmp_path / "seq"), Config()) as source:
+        assert [f.name for f in read_all(source)] == ["frame0.png", "frame1.png", "frame2.png"]
+    (hint,) = [r.getMessage() for r in caplog.records]
+    assert hint.startswith(f"{tmp_path / 'seq'}: reading the frames in {tmp_path / 'seq' / 'images'}")
+    assert (f"add --background {tmp_path / 'seq' / 'background.png'}" in hint) == background
+    caplog.clear()
+    given = replace(Config(), preprocess={"background_file": str(tmp_path / "seq" / "background.png")})
+    with caplog.at_level("INFO", logger="app.pipeline.sources"), open_source(str(tmp_path / "seq"), given):
+        assert "--background" not in caplog.records[0].getMessage()  # already given
+
+
 def test_corrupt_image_is_skipped_and_counted_or_fatal_when_strict(tmp_path, caplog):
     write_indexed_images(tmp_path, 6)
     (tmp_path / "frame3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated garbage")
@@ -458,3 +477,4 @@ def test_synthetic_replay_is_unpaced_with_file_semantics():
     assert len(frames) == 10 and not source.live
     assert time.perf_counter() - start < 1.0
     assert source.read() is END_OF_STREAM
+    assert source.info.fps == 1.0  # the rate it is meant to play at, e.g. in an MP4 of it

@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 
 
 class MaskFolderSink:
-    """Label maps -> ``FOLDER/000000.png`` … (uint8 class ids, named by frame index), one file each.
+    """Label maps -> one PNG per frame (uint8 class ids), named after the source frame (its
+    :attr:`~app.pipeline.frames.Frame.stem`): ``frame7.png`` for ``frame7.png`` of an image folder,
+    ``stack_p003.png`` for page 3 of ``stack.tif``, ``000012.png`` for frame 12 of a video or camera.
+    A name that comes round again (a looping folder) gets the frame index added: ``frame7_000019.png``.
 
     The folder is checked (a folder, or one that can be made, writable, room on the disk) and created
     when the sink is made. Each PNG is encoded in memory and written through
@@ -33,9 +36,20 @@ class MaskFolderSink:
         except OSError as exc:
             raise SinkError(f"cannot create mask folder {self.path}: {exc.strerror or exc}") from exc
         self.frames = 0
+        self._named: set[str] = set()  # names of source files used; frame indices never repeat
+
+    def file_name(self, item: Rendered) -> str:
+        """The PNG's name for ``item`` (see the class docstring)."""
+        frame = item.frame
+        if frame.name is None:
+            return f"{frame.stem}.png"
+        if frame.stem in self._named:
+            return f"{frame.stem}_{frame.index:06d}.png"
+        self._named.add(frame.stem)
+        return f"{frame.stem}.png"
 
     def write(self, item: Rendered) -> None:
-        target = self.path / f"{item.frame.index:06d}.png"
+        target = self.path / self.file_name(item)
         ok, png = cv2.imencode(".png", np.ascontiguousarray(item.labels, dtype=np.uint8))
         if not ok:
             raise SinkError(f"cannot encode mask {target}")
@@ -51,5 +65,6 @@ def _open(path: str | Path, output: OutputConfig, class_names: Sequence[str]) ->
     return MaskFolderSink(path)
 
 
-SPEC = SinkSpec("masks_dir", "--masks", "DIR", "write label maps as DIR/000000.png ...", _open, "masks",
+SPEC = SinkSpec("masks_dir", "--masks", "DIR", "write label maps as DIR/NAME.png, NAME the source frame's "
+                "(frame7.png, stack_p000.png; 000000.png for a video or camera)", _open, "masks",
                 folder=True)

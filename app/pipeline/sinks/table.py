@@ -83,14 +83,16 @@ class RowWriter:
 
 
 class FrameStatsSink:
-    """Per-frame statistics (:class:`RowWriter`): ``frame`` (index), ``timestamp`` (capture time,
-    perf_counter s), ``latency_ms`` (capture -> overlay), ``components`` (connected regions of
-    non-background, 8-connected), then one column per class name with its pixel fraction."""
+    """Per-frame statistics (:class:`RowWriter`): ``frame`` (index), ``time_s`` (capture time in seconds
+    after the first row's frame was captured), ``latency_ms`` (capture -> overlay), ``components``
+    (connected regions of non-background, 8-connected), then one column per class name with its pixel
+    fraction."""
 
     def __init__(self, path: str | Path, class_names: Sequence[str]) -> None:
         self.class_names = list(class_names)
-        self._rows = RowWriter(SPEC, path, ["frame", "timestamp", "latency_ms", "components", *self.class_names])
+        self._rows = RowWriter(SPEC, path, ["frame", "time_s", "latency_ms", "components", *self.class_names])
         self.path = self._rows.path
+        self._first_capture: float | None = None
 
     @property
     def frames(self) -> int:
@@ -101,7 +103,10 @@ class FrameStatsSink:
         counts = np.bincount(labels.ravel(), minlength=len(self.class_names))
         foreground = cv2.compare(labels, 0, cv2.CMP_NE)
         components = cv2.connectedComponents(foreground, connectivity=8)[0] - 1
-        row: dict[str, Any] = {"frame": item.frame.index, "timestamp": round(item.frame.timestamp, 6),
+        if self._first_capture is None:
+            self._first_capture = item.frame.timestamp
+        row: dict[str, Any] = {"frame": item.frame.index,
+                               "time_s": round(item.frame.timestamp - self._first_capture, 6),
                                "latency_ms": round(item.latency_ms, 3), "components": int(components)}
         for index, name in enumerate(self.class_names):
             row[name] = round(float(counts[index]) / labels.size, 6)
