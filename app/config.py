@@ -246,14 +246,18 @@ class PreviewConfig:
 class OpticsConfig:
     """The microscope, for physical read-outs: µm per camera pixel in the object plane, the laser
     wavelength, the refractive index difference between cells and medium (thickness), and the specific
-    refraction increment α (dry mass = ∫ OPD dA / α; 1 mL/g = 1 µm³/pg)."""
+    refraction increment α (dry mass = ∫ OPD dA / α; 1 mL/g = 1 µm³/pg). ``pixel_size_from_file``:
+    a TIFF/OME stack that states its pixel size (0.01-50 µm) overrides ``pixel_size_um``."""
 
     pixel_size_um: float = 0.5
     wavelength_nm: float = 633.0
     refractive_index_difference: float = 0.03
     refraction_increment_ml_per_g: float = 0.19
+    pixel_size_from_file: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pixel_size_from_file, bool):
+            raise ConfigError(f"optics.pixel_size_from_file must be true or false, got {self.pixel_size_from_file!r}")
         for key in ("pixel_size_um", "wavelength_nm", "refractive_index_difference", "refraction_increment_ml_per_g"):
             value = getattr(self, key)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)

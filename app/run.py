@@ -228,7 +228,7 @@ def run_app(prog: str, config: Config, *, realtime: bool, num_classes: int | Non
         if failure.result is not None and config.output.stats_json:
             with deferred_interrupts():
                 write_json(config.output.stats_json, summary_of(failure.result, config,
-                                                                hologram_summary(stages.preprocessor)))
+                                                                hologram_summary(stages.preprocessor), stages.readout))
         raise
     finally:
         if progress is not None:
@@ -236,7 +236,7 @@ def run_app(prog: str, config: Config, *, realtime: bool, num_classes: int | Non
         if display is not None:
             display.close()
     with deferred_interrupts():  # a Ctrl-C during the summary must not lose the stats file
-        report(result, config, hologram_summary(stages.preprocessor))
+        report(result, config, hologram_summary(stages.preprocessor), stages.readout)
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 
 
@@ -256,8 +256,10 @@ def hologram_summary(preprocessor: Any) -> dict[str, Any]:
                 "period_px": carrier.period_px, "angle_deg": carrier.angle_deg}}
 
 
-def summary_of(result: PipelineResult, config: Config, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``--stats`` JSON: the result, the run's main settings and what the hologram stage used."""
+def summary_of(result: PipelineResult, config: Config, preprocessing: dict[str, Any] | None = None,
+               readout: Any = None) -> dict[str, Any]:
+    """The ``--stats`` JSON: the result, the run's main settings, what the hologram stage used and,
+    with the object read-out, the optics and settings it measured with."""
     summary = result.to_dict()
     summary["config"] = {"source": config.source.uri, "weights": config.model.weights,
                          "backend": config.model.backend, "batch_size": config.pipeline.batch_size,
@@ -265,15 +267,17 @@ def summary_of(result: PipelineResult, config: Config, preprocessing: dict[str, 
                          "background_file": config.preprocess.background_file or None}
     if preprocessing:
         summary["preprocessing"] = preprocessing
+    summary["readout"] = readout.settings_summary() if readout is not None else None
     return summary
 
 
-def report(result: PipelineResult, config: Config, preprocessing: dict[str, Any] | None = None) -> None:
+def report(result: PipelineResult, config: Config, preprocessing: dict[str, Any] | None = None,
+           readout: Any = None) -> None:
     """Summary table (and the written files) on stderr; the JSON summary when asked for."""
     print(format_table(result.to_dict()), file=sys.stderr)
     for path in outputs_of(config):
         if Path(path).exists():
             print(f"wrote {path}", file=sys.stderr)
     if config.output.stats_json:
-        write_json(config.output.stats_json, summary_of(result, config, preprocessing))
+        write_json(config.output.stats_json, summary_of(result, config, preprocessing, readout))
         print(f"wrote {config.output.stats_json}", file=sys.stderr)

@@ -35,13 +35,18 @@ if TYPE_CHECKING:
     from benchmarks.workload import Context
 
 OUTPUTS = tuple(name for name, spec in SINKS.items() if not spec.readout)
+READOUT_OUTPUTS = ("objects", "tracks", "events")
+"""With ``readout=True`` (section ``end_to_end_readout``): the per-object tables as well, so the overlay
+stage measures and tracks every frame's objects (plots, drawn once at the end, are left out)."""
 
 
-def run_section(ctx: Context) -> dict[str, Any]:
+def run_section(ctx: Context, readout: bool = False) -> dict[str, Any]:
     """Returns ``pipeline_fps``, ``naive_fps``, ``speedup``, ``slowest_stage``, ``slowest_stage_fps``,
-    ``efficiency``, the standalone ``stages`` and the pipeline's own per-stage statistics."""
+    ``efficiency``, the standalone ``stages`` and the pipeline's own per-stage statistics. With
+    ``readout``, every run (and the overlay stage alone) also measures and tracks the objects, with
+    phase, and writes :data:`READOUT_OUTPUTS`."""
     from app.config import replace
-    from app.pipeline.factory import build_inference, build_renderer, place_hologram_stage
+    from app.pipeline.factory import build_inference, build_readout, build_renderer, place_hologram_stage
     from app.pipeline.runner import Pipeline, run_sequential
     from app.pipeline.sinks import open_sinks
     from app.pipeline.sources import open_source
@@ -51,8 +56,10 @@ def run_section(ctx: Context) -> dict[str, Any]:
     folder = ctx.cache.png_folder(size, count)
     out = ctx.workdir / "end-to-end"
 
+    names = (*OUTPUTS, *READOUT_OUTPUTS) if readout else OUTPUTS
+
     def outputs(mode: str) -> dict[str, Any]:
-        return {"display": False, **{SINKS[name].config_key: str(out / mode / SINKS[name].bench_name) for name in OUTPUTS}}
+        return {"display": False, **{SINKS[name].config_key: str(out / mode / SINKS[name].bench_name) for name in names}}
 
     run_config = replace(config, source={"uri": str(folder), "loop": False}, pipeline={"max_frames": 0},
                          output=outputs("pipeline"))
@@ -73,7 +80,9 @@ def run_section(ctx: Context) -> dict[str, Any]:
             source.close()
             raise
         stages = (source, placed(backends[mode]), workers[mode], renderer, sinks, mode_config.pipeline)
-        result = Pipeline(*stages).run() if mode == "pipeline" else run_sequential(*stages)
+        measure = build_readout(mode_config, meta, source) if readout else None
+        result = (Pipeline(*stages, readout=measure).run() if mode == "pipeline"
+                  else run_sequential(*stages, readout=measure))
         if result.interrupted:  # the runner absorbed the Ctrl-C to finish its files: stop the section too
             raise KeyboardInterrupt
         return result
@@ -92,14 +101,23 @@ def run_section(ctx: Context) -> dict[str, Any]:
     batch = config.pipeline.batch_size
     batches = [(tensors[i:i + batch], sizes[i:i + batch]) for i in range(0, count - batch + 1, batch)]
     closing_ms: list[float] = []
+    phases = [standalone.phase_image(tensor) for tensor in tensors] if readout else None
+
+    def make_readout() -> Any:  # a fresh one per run, as each run of the app has
+        from app.pipeline.readout import ReadOut
+
+        return ReadOut(config.optics, config.objects, classes=range(1, meta.num_classes), fps=config.source.fps)
+
+    measured = make_readout if readout else None
     sinks_alone = replace(run_config, output=outputs("sinks-alone")).output
     runners = {
         "source": (source_runner(folder, run_config), 1),
         "preprocess": (preprocess_runner(lambda: placed(backend), frames.images), 1),
         "inference": (predict_runner(lambda b: worker.predict(*b), batches, backend.device), batch),
-        "overlay": (overlay_runner(renderer, frames.images, frames.labels), 1),
+        "overlay": (overlay_runner(renderer, frames.images, frames.labels, phases, measured), 1),
         "sinks": (sinks_runner(lambda: open_sinks(sinks_alone, meta.class_names),
-                               rendered_items(frames.images, frames.labels, renderer), closing_ms), 1),
+                               rendered_items(frames.images, frames.labels, renderer, phases, measured),
+                               closing_ms), 1),
     }
     runs: dict[str, list[Any]] = {"pipeline": [], "naive": []}
     alone: dict[str, list[float]] = {name: [] for name in runners}
@@ -130,7 +148,8 @@ def run_section(ctx: Context) -> dict[str, Any]:
         if hasattr(used, "set_input_transform"):
             used.set_input_transform(None)
     return {
-        "size": size, "frames": count, "backend": name, "batch_size": batch, "outputs": list(OUTPUTS),
+        "size": size, "frames": count, "backend": name, "batch_size": batch, "outputs": list(names),
+        "readout": readout,
         "threads": {mode: getattr(b, "threads", None) or None for mode, b in backends.items()},
         "pipeline_fps": pipeline_fps, "pipeline_fps_runs": [r.throughput_fps for r in runs["pipeline"]],
         "naive_fps": naive_fps, "naive_fps_runs": [r.throughput_fps for r in runs["naive"]],

@@ -3,6 +3,7 @@
     python -m benchmarks.fps [--quick] [--sections storage,stages,models,end_to_end]   (or --sections soak,tracking)
                              [--dirs hdd=/mnt/hdd/seq ssd=/mnt/ssd/seq] [--json FILE] [--markdown FILE]
                              [--plot FILE.png] [--workdir DIR] [--config PATH] [--set K=V]
+                             [--device auto|cpu|cuda|cuda:N] [--half] [-v|-q]
 
 Settings come from the ``benchmark`` section of config.yaml (``--set benchmark.frames=32``); the model,
 backend, batch size and outputs from the usual sections. ``--quick`` applies :data:`QUICK_OVERRIDES`
@@ -34,12 +35,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app.cli import Parser, add_config_arguments, config_from_args, main_of
+from app.cli import (
+    Parser,
+    add_config_arguments,
+    add_device_arguments,
+    add_verbosity_arguments,
+    config_from_args,
+    main_of,
+)
 from app.config import Config, ConfigError
 from app.errors import EXIT_INTERRUPTED, EXIT_OK
 
 SECTIONS = ("storage", "stages", "hologram", "models", "end_to_end")
-ON_REQUEST_SECTIONS = ("soak", "tracking")  # run only when named in --sections (soak: slow, about memory)
+ON_REQUEST_SECTIONS = ("soak", "tracking", "batch", "preview", "end_to_end_readout")  # run only when named in --sections (soak: slow, about memory)
 QUICK_OVERRIDES = (
     "benchmark.repeats=3",
     "benchmark.warmup=1",
@@ -81,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", metavar="DIR", type=Path, default=None,
                         help="scratch folder for frames and outputs (its disk is the 'local-disk' row; "
                              "default: the system temporary folder)")
+    add_device_arguments(parser)
     add_config_arguments(parser)
+    add_verbosity_arguments(parser)
     return parser
 
 
@@ -171,14 +181,23 @@ def estimate_seconds(config: Config, sections: list[str], dirs: dict[str, Path],
                         total += 0.075 * params_m  # export, write and load the graph
                     total += calls * per_call + 0.5
             total += len(bench.backends) * runs * infer_s(bench.model_size)
-    if "end_to_end" in sections:
-        total += runs * bench.frames * (3.2 * infer_s(bench.end_to_end_size) + 0.01)
+    for name in ("end_to_end", "end_to_end_readout"):
+        if name in sections:
+            total += runs * bench.frames * (3.2 * infer_s(bench.end_to_end_size) + 0.01)
     if "soak" in sections:
         from benchmarks.soak import estimate_seconds as soak_seconds
 
         total += soak_seconds()
+    if "batch" in sections:
+        from benchmarks.batch import estimate_seconds as batch_seconds
+
+        total += batch_seconds()
     if "tracking" in sections:
         total += 30.0  # 100 frames of 50 objects at 1024² through five contenders, plus their imports
+    if "preview" in sections:
+        from benchmarks.preview import estimate_seconds as preview_seconds
+
+        total += preview_seconds(config, 1.5 * infer_s(bench.end_to_end_size))
     return total
 
 
@@ -214,11 +233,12 @@ def _inference_fps(result: dict[str, Any], backend: str, size: int) -> float | N
 def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, Any]]:
     """The issue's targets that the sections which ran can decide."""
     targets = []
-    e2e = result.get("end_to_end")
-    if e2e:
-        targets.append({"name": "pipeline efficiency (end-to-end fps / slowest stage alone)",
-                        "measured": round(e2e["efficiency"], 3), "required": f">= {EFFICIENCY_TARGET}",
-                        "met": e2e["efficiency"] >= EFFICIENCY_TARGET})
+    for key, what in (("end_to_end", ""), ("end_to_end_readout", ", with the object read-out")):
+        e2e = result.get(key)
+        if e2e:
+            targets.append({"name": f"pipeline efficiency (end-to-end fps / slowest stage alone){what}",
+                            "measured": round(e2e["efficiency"], 3), "required": f">= {EFFICIENCY_TARGET}",
+                            "met": e2e["efficiency"] >= EFFICIENCY_TARGET})
     storage = result.get("storage")
     if storage:
         rows = [r for r in storage["results"] if r["device"] == "hdd" and r["format"] == "png" and r["threads"] > 1]
@@ -242,6 +262,10 @@ def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, A
         from benchmarks import tracking
 
         targets += tracking.targets(result["tracking"])
+    if result.get("preview"):
+        from benchmarks import preview
+
+        targets += preview.targets(result["preview"])
     one_core = config.benchmark.one_core_size
     for stage, what in (("overlay", "overlay"), ("metrics", "metrics update (ConfusionMatrix)")):
         rows = [r for r in (result.get("stages") or {}).get("results", [])
@@ -273,7 +297,17 @@ def evaluate_targets(result: dict[str, Any], config: Config) -> list[dict[str, A
 def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Path | None,
         log: Callable[[str], None], quick: bool = False, command: str = "") -> dict[str, Any]:
     """Run the chosen sections and return the full result dict (see the module docstring)."""
-    from benchmarks import end_to_end, hologram, model_latency, soak, stages, storage, tracking
+    from benchmarks import (
+        batch,
+        end_to_end,
+        hologram,
+        model_latency,
+        preview,
+        soak,
+        stages,
+        storage,
+        tracking,
+    )
     from benchmarks.machine import machine_info
     from benchmarks.workload import Context, FrameCache, load_model
 
@@ -311,8 +345,11 @@ def run(config: Config, sections: list[str], dirs: dict[str, Path], workdir: Pat
         runners = {"storage": lambda: storage.run_section(bench, dirs, Path(scratch), log),
                    "stages": lambda: stages.run_section(ctx), "hologram": lambda: hologram.run_section(ctx),
                    "models": lambda: model_latency.run_section(ctx),
-                   "end_to_end": lambda: end_to_end.run_section(ctx), "soak": lambda: soak.run_section(ctx),
-                   "tracking": lambda: tracking.measure(log=log)}
+                   "end_to_end": lambda: end_to_end.run_section(ctx),
+                   "end_to_end_readout": lambda: end_to_end.run_section(ctx, readout=True),
+                   "soak": lambda: soak.run_section(ctx),
+                   "tracking": lambda: tracking.measure(log=log), "batch": lambda: batch.run_section(ctx),
+                   "preview": lambda: preview.run_section(ctx)}
         for name in sections:
             try:
                 result[name] = runners[name]()
@@ -340,18 +377,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
-    from app.config import load_config
     from benchmarks import report
 
     started = time.perf_counter()
 
     def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+        if not args.quiet:
+            print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
 
     sections = parse_sections(args.sections)
     dirs = parse_dirs(args.dirs)
-    config = (load_config(args.config, [*QUICK_OVERRIDES, *args.overrides]) if args.quick
-              else config_from_args(args))
+    config = config_from_args(args, QUICK_OVERRIDES if args.quick else ())
     result = run(config, sections, dirs, args.workdir, log, quick=args.quick, command=command)
     if args.json:
         report.write_json(args.json, result)

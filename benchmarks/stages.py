@@ -55,13 +55,34 @@ def predict_runner(predict: Callable[..., Any], batches: Sequence[Any], device: 
     return lambda: stamp_each(batches, predict, device)
 
 
-def overlay_runner(renderer: OverlayRenderer, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> Runner:
-    """Overlay drawing (fill, outlines, HUD) of each frame's label map."""
+def overlay_runner(renderer: OverlayRenderer, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                   phases: Sequence[np.ndarray | None] | None = None, make_readout: Callable[[], Any] | None = None) -> Runner:
+    """Overlay drawing (fill, outlines, HUD) of each frame's label map; with ``make_readout`` (a fresh
+    :class:`app.pipeline.readout.ReadOut` per run) the objects are measured, with ``phases``, and
+    tracked first, and their ids and counts drawn, as the overlay stage does."""
     from app.pipeline.overlay import HudInfo
 
     hud = HudInfo(25.0, 40.0, 0)
-    pairs = list(zip(images, labels, strict=True))
-    return lambda: stamp_each(pairs, lambda pair: renderer.render(pair[0], pair[1], hud))
+    frames = _frames(images, phases)
+    if make_readout is None:
+        pairs = list(zip(images, labels, strict=True))
+        return lambda: stamp_each(pairs, lambda pair: renderer.render(pair[0], pair[1], hud))
+
+    def run() -> list[float]:
+        measure = make_readout()
+        return stamp_each(list(zip(frames, labels, strict=True)),
+                          lambda pair: renderer.render(pair[0].image, pair[1], hud, measure(*pair)))
+
+    return run
+
+
+def _frames(images: Sequence[np.ndarray], phases: Sequence[np.ndarray | None] | None) -> list[Any]:
+    from app.pipeline.frames import Frame, SourceInfo
+
+    info = SourceInfo("benchmark", "images", live=False)
+    phases = phases if phases is not None else [None] * len(images)
+    return [Frame(i, time.perf_counter(), image, info, phase=phase)
+            for i, (image, phase) in enumerate(zip(images, phases, strict=True))]
 
 
 def sinks_runner(make: Callable[[], Sequence[Sink]], items: Sequence[Rendered], closing_ms: list[float]) -> Runner:
@@ -104,15 +125,19 @@ def measure_sinks(make: Callable[[], Sequence[Sink]], items: Sequence[Rendered],
     return rate
 
 
-def rendered_items(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                   renderer: OverlayRenderer) -> list[Rendered]:
-    """Finished frames as the sink stage receives them."""
-    from app.pipeline.frames import Frame, SourceInfo
+def rendered_items(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], renderer: OverlayRenderer,
+                   phases: Sequence[np.ndarray | None] | None = None,
+                   make_readout: Callable[[], Any] | None = None) -> list[Rendered]:
+    """Finished frames as the sink stage receives them (with their read-out when ``make_readout``
+    gives one: the per-object sinks need it)."""
     from app.pipeline.sinks import Rendered
 
-    info = SourceInfo("benchmark", "images", live=False)
-    return [Rendered(Frame(i, time.perf_counter(), image, info), label, renderer.render(image, label), 40.0)
-            for i, (image, label) in enumerate(zip(images, labels, strict=True))]
+    measure = make_readout() if make_readout is not None else None
+    items = []
+    for frame, label in zip(_frames(images, phases), labels, strict=True):
+        result = measure(frame, label) if measure is not None else None
+        items.append(Rendered(frame, label, renderer.render(frame.image, label, None, result), 40.0, result))
+    return items
 
 
 def writer_factories(config: Config, class_names: Sequence[str], folder: Path) -> dict[str, Callable[[], list]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,8 +117,21 @@ def build_readout(config: Config, meta: Any, source: Any) -> ReadOut | None:
     if not wanted:
         return None
     info = source.info
-    return ReadOut(config.optics, config.objects, classes=range(1, meta.num_classes),
-                   fps=None if info.live else (info.fps or config.source.fps))
+    optics, origin = config.optics, "config"
+    stated = info.pixel_size_um
+    if optics.pixel_size_from_file and stated is not None and FILE_PIXEL_SIZE_UM[0] <= stated <= FILE_PIXEL_SIZE_UM[1]:
+        optics, origin = dataclasses.replace(optics, pixel_size_um=float(stated)), "file"
+        log.info("pixel size %.4g µm from %s (optics.pixel_size_from_file)", stated, info.uri)
+    elif stated is not None and optics.pixel_size_from_file:
+        log.warning("ignoring the pixel size %.4g µm that %s states (outside %g-%g µm): using optics.pixel_size_um",
+                    stated, info.uri, *FILE_PIXEL_SIZE_UM)
+    return ReadOut(optics, config.objects, classes=range(1, meta.num_classes),
+                   fps=None if info.live else (info.fps or config.source.fps), pixel_size_origin=origin)
+
+
+FILE_PIXEL_SIZE_UM = (0.01, 50.0)
+"""Pixel sizes a file may state and be believed: a microscope camera's in the object plane. A TIFF
+that says 72 dpi (a screen's default, 352.8 µm) is not describing a microscope."""
 
 
 def build_stages(config: Config, *, realtime: bool = True, num_classes: int | None = None,

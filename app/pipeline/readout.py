@@ -11,6 +11,7 @@ are unwrapped inside their box (:func:`app.pipeline.objects.unwrap_in_box`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,12 +49,14 @@ class ReadOut:
     the tracker); used from one thread.
 
     ``classes``: the model's object classes (1..K-1); ``fps``: the source's frame rate when recorded
-    (frame times are index / fps), None for live sources (capture clock).
+    (frame times are index / fps), None for live sources (capture clock); ``pixel_size_origin``: where
+    ``optics.pixel_size_um`` came from (``config`` or ``file``), for the record.
     """
 
     def __init__(self, optics: OpticsConfig, settings: ObjectsConfig, classes: Sequence[int] | None = None,
-                 fps: float | None = None) -> None:
+                 fps: float | None = None, pixel_size_origin: str = "config") -> None:
         self.optics = optics
+        self.pixel_size_origin = pixel_size_origin
         self.settings = settings
         self.fps = fps if fps and fps > 0 else None
         self.measurer = ObjectMeasurer(optics, settings.min_area_px, classes, unwrap=True, split=True,
@@ -98,6 +101,12 @@ class ReadOut:
         measured over the run so far (1 before two frames)."""
         frames, seconds = self._last
         return self.fps or (frames / seconds if frames and seconds > 0 else 1.0)
+
+    def settings_summary(self) -> dict[str, object]:
+        """What the read-out measured with, for the ``--stats`` JSON: the optics (and where the pixel
+        size came from: ``config`` or the source ``file``), the object settings and the phase sign."""
+        return {"optics": dataclasses.asdict(self.optics), "pixel_size_from": self.pixel_size_origin,
+                "objects": dataclasses.asdict(self.settings), "phase_sign": self.phase_sign}
 
     def summaries(self) -> list[TrackSummary]:
         """Every track of the run so far, speeds in µm/s at :attr:`frame_rate`."""

@@ -182,3 +182,34 @@ def test_ids_survive_frames_missing_from_a_replayed_sequence(tmp_path):
     spanning = [oid for oid in ids_of if {int(r["frame"]) for r in truth if r["object_id"] == oid} >= {9, 12}]
     assert spanning, "no cell was seen on both sides of the gap"
     assert all(len(ids_of[oid]) == 1 for oid in spanning), ids_of
+
+
+@pytest.mark.parametrize("stated_um, used_um", [(0.25, 0.25), (352.8, 0.5)])
+def test_a_stacks_own_pixel_size_is_used_and_recorded_in_the_stats(tmp_path, stated_um, used_um):
+    """An OME-TIFF that states its pixel size sets the read-out's (areas in µm², dry mass) unless it is
+    no microscope's (a 72 dpi default); the stats JSON records the optics used and where they came from."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tifffile = pytest.importorskip("tifffile")
+    from app.config import SynthConfig
+    from app.synthesis import make_sequence
+
+    sequence = make_sequence(SynthConfig(size=128, frames=4, seed=5, num_cells=3))
+    stack = tmp_path / "stack.ome.tif"
+    tifffile.imwrite(stack, np.stack([frame.image for frame in sequence]), ome=True,
+                     metadata={"axes": "TYX", "PhysicalSizeX": stated_um, "PhysicalSizeY": stated_um,
+                               "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"})
+    root = Path(__file__).resolve().parents[2]
+    objects, stats = tmp_path / "objects.csv", tmp_path / "stats.json"
+    done = subprocess.run([sys.executable, "-m", "app.replay", str(stack), "--objects", str(objects),
+                           "--stats", str(stats), "-q"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    recorded = json.loads(stats.read_text())["readout"]
+    assert recorded["optics"]["pixel_size_um"] == pytest.approx(used_um)
+    assert recorded["pixel_size_from"] == ("file" if used_um == stated_um else "config")
+    assert recorded["optics"]["wavelength_nm"] == 633.0 and recorded["objects"]["min_area_px"] == 20
+    with objects.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(float(r["area_um2"]) == pytest.approx(int(r["area_px"]) * used_um**2, rel=1e-5) for r in rows)
