@@ -6,7 +6,10 @@
 Writes held-out randomised sequences with :mod:`app.synth` (seeds never used for training), replays
 them with ``app.replay --objects --events`` and the shipped weights, and compares
 ``objects.csv``/``meta.json`` (truth) with what the run wrote. Ground-truth objects are matched to
-measured ones by centroid (within ``--match-px``), frame by frame.
+measured ones by centroid (within ``--match-px``), frame by frame. Dry mass is scored on cells; beads,
+debris and organisms (whose refraction increment is not a protein's) are reported apart. A divide
+event matches a true division when it comes within 5 frames of it and its parent track was matched
+to the dividing cell just before.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def evaluate_sequence(folder: Path, out: Path, weights: str, match_px: float, op
     errors: dict[str, list[float]] = {"in_focus": [], "defocused": []}
     pixel_area = optics["pixel_size_um"] ** 2
     scale = optics["wavelength_nm"] * 1e-3 / (2 * np.pi) * pixel_area / optics["refraction_increment_ml_per_g"]
+    matched: dict[tuple[int, int], int] = {}  # (frame, true object id) -> track id
     for frame in frames:
         gt, tr = gt_by_frame[frame], tr_by_frame[frame]
         if not gt or not tr:
@@ -89,6 +93,7 @@ def evaluate_sequence(folder: Path, out: Path, weights: str, match_px: float, op
         for i, j in zip(*linear_sum_assignment(cost), strict=True):
             if cost[i, j] > match_px:
                 continue
+            matched[(frame, gt_ids[i])] = tr_ids[j]
             truth_row = truth_rows[(frame, gt_ids[i])]
             mass = measured_rows[(frame, tr_ids[j])]["dry_mass_pg"]
             if not mass:
@@ -96,14 +101,21 @@ def evaluate_sequence(folder: Path, out: Path, weights: str, match_px: float, op
             true_mass = float(truth_row["integrated_phase_rad_px"]) * scale
             if true_mass > 0:
                 key = "in_focus" if truth_row["in_focus"] == "1" else "defocused"
-                errors[key].append(abs(float(mass) - true_mass) / true_mass)
-    meta = json.loads((folder / "meta.json").read_text())
+                if truth_row["class"] != "cell":  # beads, debris, organisms: dry mass means protein, α of cells
+                    key = f"{key}_{truth_row['class']}"
+                errors.setdefault(key, []).append(abs(float(mass) - true_mass) / true_mass)
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()] \
         if (out / "events.jsonl").is_file() else []
+    meta = json.loads((folder / "meta.json").read_text())
+    divides = [e for e in events if e["event"] == "divide"]
+    matching = 0
+    for division in meta.get("divisions", []):
+        before = {matched.get((f, division["parent_id"])) for f in range(division["frame"] - 5, division["frame"])} - {None}
+        matching += any(abs(e["frame"] - division["frame"]) <= 5 and e["ended"][0] in before for e in divides)
     return {"mota": mot.mota, "id_switches": mot.id_switches, "object_frames": mot.ground_truth_objects,
             "false_negatives": mot.false_negatives, "false_positives": mot.false_positives,
             "dry_mass_errors": errors, "divisions_true": len(meta.get("divisions", [])),
-            "divide_events": sum(1 for e in events if e["event"] == "divide")}
+            "divide_events": len(divides), "divide_events_matching": matching}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     switches = sum(r["id_switches"] for r in results)
     in_focus = [e for r in results for e in r["dry_mass_errors"]["in_focus"]]
     defocused = [e for r in results for e in r["dry_mass_errors"]["defocused"]]
+    other_kinds = sorted({key for r in results for key in r["dry_mass_errors"]} - {"in_focus", "defocused"})
+    others = {key: statistics.median([e for r in results for e in r["dry_mass_errors"].get(key, [])])
+              for key in other_kinds}
     summary = {
         "command": "python -m benchmarks.readout_accuracy " + " ".join(sys.argv[1:]),
         "mota_mean": statistics.fmean(r["mota"] for r in results),
@@ -132,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         "dry_mass_median_relative_error_in_focus": statistics.median(in_focus) if in_focus else None,
         "dry_mass_median_relative_error_defocused": statistics.median(defocused) if defocused else None,
         "dry_mass_matches": {"in_focus": len(in_focus), "defocused": len(defocused)},
+        "dry_mass_median_relative_error_other_kinds": others,
+        "divide_events_matching": sum(r["divide_events_matching"] for r in results),
         "divisions_true": sum(r["divisions_true"] for r in results),
         "divide_events": sum(r["divide_events"] for r in results),
         "sequences": results,
