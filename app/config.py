@@ -247,15 +247,20 @@ class OpticsConfig:
     """The microscope, for physical read-outs: µm per camera pixel in the object plane, the laser
     wavelength, the refractive index difference between cells and medium (thickness), and the specific
     refraction increment α (dry mass = ∫ OPD dA / α; 1 mL/g = 1 µm³/pg). ``pixel_size_from_file``:
-    a TIFF/OME stack that states its pixel size (0.01-50 µm) overrides ``pixel_size_um``."""
+    a TIFF/OME stack that states its pixel size (0.01-50 µm) overrides ``pixel_size_um``.
+    ``phase_sign``: ±1 multiplies the demodulated phase so that cells are positive on this microscope;
+    0 chooses it per run from the first objects seen."""
 
     pixel_size_um: float = 0.5
     wavelength_nm: float = 633.0
     refractive_index_difference: float = 0.03
     refraction_increment_ml_per_g: float = 0.19
     pixel_size_from_file: bool = True
+    phase_sign: int = 0
 
     def __post_init__(self) -> None:
+        if self.phase_sign not in (-1, 0, 1) or isinstance(self.phase_sign, bool):
+            raise ConfigError(f"optics.phase_sign must be 1, -1 or 0 (auto), got {self.phase_sign!r}")
         if not isinstance(self.pixel_size_from_file, bool):
             raise ConfigError(f"optics.pixel_size_from_file must be true or false, got {self.pixel_size_from_file!r}")
         for key in ("pixel_size_um", "wavelength_nm", "refractive_index_difference", "refraction_increment_ml_per_g"):

@@ -4,10 +4,10 @@ ids and the sinks (``--objects``, ``--tracks``, ``--events``, ``--plots``) write
 
 The phase comes from the hologram stage (:attr:`app.pipeline.frames.Frame.phase`: wrapped, H×W
 float32 rad, background ≈ 0). Its sign depends on the microscope's geometry, but a cell always delays
-the light (its refractive index is above the medium's), so the sign is fixed once per run, from the
-first frame with an object whose phase stays clear of ±π: the sign that makes its phase positive
-(:func:`phase_sign_of`; frames before it are measured as demodulated). Objects whose phase nears ±π
-are unwrapped inside their box (:func:`app.pipeline.objects.unwrap_in_box`).
+the light (its refractive index is above the medium's), so unless ``optics.phase_sign`` fixes it,
+the sign is chosen once per run from the first frame with objects: the one that makes their summed
+phase positive (:func:`phase_sign_of`). Objects whose phase nears ±π are unwrapped inside their box
+(:func:`app.pipeline.objects.unwrap_in_box`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from app.config import ObjectsConfig, OpticsConfig
 from app.pipeline.frames import Frame
-from app.pipeline.objects import WRAP_RISK_RAD, FrameObjects, ObjectMeasurer
+from app.pipeline.objects import FrameObjects, ObjectMeasurer
 from app.pipeline.tracking import FrameTracks, Tracker, TrackSummary
 
 
@@ -45,21 +45,10 @@ class FrameReadout:
         return self.time_s - (self.frame - frame) / rate
 
 
-def phase_sign_of(objects: FrameObjects, phase: np.ndarray) -> float | None:
-    """+1 or -1, the sign that makes the objects' phase positive, or None when no object can tell.
-    Only objects whose wrapped phase stays below :data:`WRAP_RISK_RAD` everywhere vote (with their
-    phase sum): a bead's phase wraps at its steep rim, and one between π and 2π looks like a weak
-    object of the opposite sign."""
-    total, voters = 0.0, 0
-    for index in range(len(objects)):
-        box, inside = objects.box_mask(index)
-        values = phase[box][inside]
-        if values.size and float(np.abs(values).max()) < WRAP_RISK_RAD:
-            total += float(values.sum(dtype=np.float64))
-            voters += 1
-    if not voters:
-        return None
-    return 1.0 if total >= 0 else -1.0
+def phase_sign_of(objects: FrameObjects) -> float:
+    """+1 or -1: the sign that makes the objects' summed (unwrapped) phase positive. The sum, not the
+    pixels: a defocused object's phase rings change sign locally, but its phase integral is kept."""
+    return 1.0 if float(np.sum(objects.integrated_phase_rad_px)) >= 0 else -1.0
 
 
 class ReadOut:
@@ -80,7 +69,7 @@ class ReadOut:
         self.measurer = ObjectMeasurer(optics, settings.min_area_px, classes, unwrap=True, split=True,
                                        margin_px=settings.mass_margin_px, ring_px=settings.background_ring_px)
         self.tracker = Tracker(settings.max_link_distance_px, settings.max_gap_frames)
-        self.phase_sign: float | None = None
+        self.phase_sign: float | None = float(optics.phase_sign) if optics.phase_sign else None
         self._t0: float | None = None
         self._first_index: int | None = None
         self._last = (0, 0.0)  # frames since the first, seconds since the first
@@ -95,10 +84,12 @@ class ReadOut:
     def _measure(self, labels: np.ndarray, phase: np.ndarray | None) -> FrameObjects:
         if phase is None:
             return self.measurer(labels)
-        if self.phase_sign is None:  # until an object can tell, phase is measured as demodulated
+        if self.phase_sign is None:
             objects = self.measurer(labels, phase)
-            self.phase_sign = phase_sign_of(objects, phase)
-            if self.phase_sign is None or self.phase_sign > 0:
+            if not len(objects):
+                return objects
+            self.phase_sign = phase_sign_of(objects)
+            if self.phase_sign > 0:
                 return objects
         return self.measurer(labels, phase if self.phase_sign > 0 else np.negative(phase))
 

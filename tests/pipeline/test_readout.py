@@ -215,32 +215,18 @@ def test_a_stacks_own_pixel_size_is_used_and_recorded_in_the_stats(tmp_path, sta
     assert rows and all(float(r["area_um2"]) == pytest.approx(int(r["area_px"]) * used_um**2, rel=1e-5) for r in rows)
 
 
-def sphere(size: int, centre: tuple[int, int], radius: float, peak: float) -> tuple[np.ndarray, np.ndarray]:
-    """A sphere's mask and phase (peak·√(1 − r²/R²), rad) on a size² grid."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    r2 = ((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / radius**2
-    return r2 < 1.0, peak * np.sqrt(np.clip(1.0 - r2, 0.0, None))
+@pytest.mark.parametrize("configured", [1, -1])
+def test_a_configured_phase_sign_is_used_whatever_the_first_objects_say(configured):
+    optics = OpticsConfig(phase_sign=configured)
+    readout = ReadOut(optics, ObjectsConfig(), classes=[1], fps=10.0)
+    last = run_discs(readout, sign=-1.0)[-1].readout  # discs of negative phase
+    assert readout.phase_sign == configured
+    assert np.sign(last.objects.mean_phase_rad[0]) == -configured
+    assert readout.settings_summary()["phase_sign"] == configured
 
 
-def test_a_bead_whose_phase_wraps_does_not_set_the_phase_sign():
-    """A bead of 4.5 rad wraps to -1.8 rad inside its rim: it looks like a weak object of the other
-    sign. Only the cell (1.2 rad, never near ±π) decides, so the cell's dry mass comes out positive."""
-    size = 128
-    bead, bead_phase = sphere(size, (40, 64), 14, 4.5)
-    cell, cell_phase = sphere(size, (90, 64), 14, 1.2)
-    demodulated = -np.angle(np.exp(1j * (bead_phase + cell_phase))).astype(np.float32)  # a sign-flipping microscope
-    labels = (bead | cell).astype(np.uint8)
-    readout = ReadOut(OPTICS, ObjectsConfig(), classes=[1], fps=10.0)
-    result = readout(Frame(0, 0.0, np.zeros((size, size), np.uint8), INFO, phase=demodulated), labels)
-    assert readout.phase_sign == -1.0
-    right = int(np.argmax(result.objects.centroid_xy[:, 0]))
-    assert result.objects.integrated_phase_rad_px[right] == pytest.approx(float(cell_phase.sum()), rel=0.02)
+def test_phase_sign_must_be_one_minus_one_or_zero():
+    from app.config import ConfigError
 
-
-def test_until_an_object_can_tell_the_phase_is_measured_as_demodulated():
-    size = 96
-    bead, phase = sphere(size, (48, 48), 14, 4.5)
-    demodulated = np.angle(np.exp(1j * phase)).astype(np.float32)
-    readout = ReadOut(OPTICS, ObjectsConfig(), classes=[1], fps=10.0)
-    readout(Frame(0, 0.0, np.zeros((size, size), np.uint8), INFO, phase=demodulated), bead.astype(np.uint8))
-    assert readout.phase_sign is None
+    with pytest.raises(ConfigError, match="optics.phase_sign must be 1, -1 or 0"):
+        OpticsConfig(phase_sign=2)
