@@ -289,11 +289,15 @@ class ObjectsConfig:
     trail_frames: int = 12
     mass_margin_px: int = 4
     background_ring_px: int = 6
+    division_confirm_frames: int = 3
+    max_daughter_area_ratio: float = 2.0
 
     def __post_init__(self) -> None:
         _at_least("objects.min_area_px", self.min_area_px, 1)
         _at_least("objects.mass_margin_px", self.mass_margin_px, 0)
         _at_least("objects.background_ring_px", self.background_ring_px, 0, "0 = no local background")
+        _at_least("objects.division_confirm_frames", self.division_confirm_frames, 1)
+        _at_least("objects.max_daughter_area_ratio", self.max_daughter_area_ratio, 1)
         _positive("objects.max_link_distance_px", self.max_link_distance_px)
         _at_least("objects.max_gap_frames", self.max_gap_frames, 0)
         _at_least("objects.trail_frames", self.trail_frames, 0, "0 = no trails")

@@ -68,7 +68,9 @@ class ReadOut:
         self.fps = fps if fps and fps > 0 else None
         self.measurer = ObjectMeasurer(optics, settings.min_area_px, classes, unwrap=True, split=True,
                                        margin_px=settings.mass_margin_px, ring_px=settings.background_ring_px)
-        self.tracker = Tracker(settings.max_link_distance_px, settings.max_gap_frames)
+        self.tracker = Tracker(settings.max_link_distance_px, settings.max_gap_frames,
+                               confirm_frames=settings.division_confirm_frames,
+                               max_daughter_area_ratio=settings.max_daughter_area_ratio)
         self.phase_sign: float | None = float(optics.phase_sign) if optics.phase_sign else None
         self._t0: float | None = None
         self._first_index: int | None = None

@@ -15,9 +15,9 @@ Per frame (:meth:`Tracker.update`, about a millisecond for 50 objects on one cor
    or two cells that touch for a few frames, must not change anyone's id:
    - a new track that overlaps the previous object of a track P which was linked to another object
      overlapping it too is a daughter candidate of P. Once it has been seen ``confirm_frames``
-     times, a **divide** event is reported at the frame it appeared, P → (P, daughter): P's id goes on
-     with one daughter, the other's track has ``parent`` P. A candidate that ends sooner only
-     **enters** (late).
+     times, and if the two are of similar size (at most ``max_daughter_area_ratio`` apart), a
+     **divide** event is reported at the frame it appeared, P → (P, daughter): P's id goes on with one
+     daughter, the other's track has ``parent`` P. Any other candidate only **enters** (late).
    - a track A not seen this frame whose previous object overlaps an object now linked to track B
      was absorbed by B. If A is not seen again within its gap, it ends with a **merge** event at the
      frame it was absorbed, (A, B) → (B,), instead of leaving; if it reappears it goes on as before.
@@ -176,13 +176,15 @@ class Tracker:
     previous frame wins over a lost one at the same distance; ``min_overlap_fraction``: share of the
     smaller mask two objects of consecutive frames must overlap by to count for divisions and merges;
     ``overlap_events``: False skips step 2 (linking only: no divide or merge events); ``confirm_frames``:
-    observations a daughter needs before its division is reported.
+    observations a daughter needs before its division is reported; ``max_daughter_area_ratio``: the
+    larger daughter may be at most this many times the smaller (cells divide in two near-equal halves;
+    budding yeast needs more).
     One instance per stream, from one thread.
     """
 
     def __init__(self, max_link_distance_px: float = 20.0, max_gap_frames: int = 2, area_weight: float = 0.1,
                  gap_cost: float = 0.1, min_overlap_fraction: float = 0.2, overlap_events: bool = True,
-                 confirm_frames: int = 3) -> None:
+                 confirm_frames: int = 3, max_daughter_area_ratio: float = 2.0) -> None:
         if not max_link_distance_px > 0:
             raise TrackingError(f"max_link_distance_px must be > 0, got {max_link_distance_px}")
         if max_gap_frames < 0:
@@ -200,6 +202,9 @@ class Tracker:
             raise TrackingError(f"confirm_frames must be >= 1, got {confirm_frames}")
         self.overlap_events = bool(overlap_events)
         self.confirm_frames = int(confirm_frames)
+        if not max_daughter_area_ratio >= 1:
+            raise TrackingError(f"max_daughter_area_ratio must be >= 1, got {max_daughter_area_ratio}")
+        self.max_daughter_area_ratio = float(max_daughter_area_ratio)
         self._daughters: dict[int, tuple[int, int]] = {}  # candidate daughter -> (parent, frame it appeared)
         self._absorbed: dict[int, tuple[int, int]] = {}  # unseen track -> (track it went into, frame)
         self._open: dict[int, _Track] = {}  # alive tracks, seen or within their gap
@@ -257,8 +262,12 @@ class Tracker:
         for daughter, (parent, born) in list(self._daughters.items()):
             track = self._open.get(daughter)
             if track is not None and track.frames_observed >= self.confirm_frames and parent in self._open:
-                track.parent = parent
-                events.append(TrackEvent(DIVIDE, born, (parent,), (parent, daughter)))
+                sizes = sorted((track.area, self._open[parent].area))
+                if sizes[1] <= self.max_daughter_area_ratio * sizes[0]:
+                    track.parent = parent
+                    events.append(TrackEvent(DIVIDE, born, (parent,), (parent, daughter)))
+                else:  # a piece broke off (or a neighbour came out from under it): no division
+                    events.append(TrackEvent(ENTER, born, (), (daughter,)))
                 del self._daughters[daughter]
             elif track is None or frame - track.last_frame > self.max_gap_frames or parent not in self._open:
                 events.append(TrackEvent(ENTER, born, (), (daughter,)))

@@ -261,3 +261,19 @@ def test_the_benchmark_compares_the_linkers_on_the_same_tracks():
     assert methods[READOUT_METHOD]["frames_timed"] == 6 and methods[READOUT_METHOD]["ms_per_frame"] > 0
     assert [t["name"].split(",")[0] for t in targets(section)] == ["read-out as run (measurements + tracking)",
                                                                    "objects with phase", "tracking"]
+
+
+def test_a_piece_breaking_off_a_cell_is_no_division():
+    frames = []
+    for t in range(12):  # a small piece (radius 5) comes off a cell's edge at frame 4, for good
+        if t < 4:
+            frames.append({"cell": (82.0, 80.0, 20.0)})
+        else:
+            frames.append({"cell": (78.0, 80.0, 13.0), "piece": (99.0 + 2 * (t - 4), 80.0, 5.0)})
+    names, events = run(Tracker(), frames)
+    assert not [e for e in events if e.kind == DIVIDE]
+    assert {frame["cell"] for frame in names} == {names[0]["cell"]}
+    assert [e.kind for e in events if names[5]["piece"] in e.started] == [ENTER]
+    with pytest.raises(TrackingError, match="max_daughter_area_ratio"):
+        Tracker(max_daughter_area_ratio=0.5)
+
