@@ -408,3 +408,21 @@ def test_live_cli_serves_the_run_and_stops_the_server_on_ctrl_c(tiny_weights, tm
     assert seen["frames"] >= 3 and seen["size"] == [64, 64] and seen["ended"] is False
     assert [entry["name"] for entry in seen["classes"]] == list(CLASSES)
     assert preview_threads() == []
+
+
+def test_the_preview_benchmark_runs_every_condition(tiny_weights, tmp_path):
+    """``benchmarks.preview`` on tiny settings: every condition measured, the three viewers fed, the
+    target evaluated, nothing left running."""
+    from benchmarks import preview
+    from benchmarks.workload import Context, FrameCache, load_model
+
+    config = load_config(overrides=[f"model.weights={tiny_weights}", "benchmark.end_to_end_size=96",
+                                    "benchmark.repeats=1", "benchmark.warmup=0", "preview.max_fps=200"])
+    ctx = Context(config, load_model(config), FrameCache(tmp_path), tmp_path)
+    section = preview.run_section(ctx, frames=40)
+    assert list(section["conditions"]) == list(preview.CONDITIONS)
+    for entry in section["conditions"].values():
+        assert entry["median_fps"] > 0 and len(entry["runs"]) == 1
+    assert all(count["frames"] > 0 for count in section["conditions"]["3 viewers"]["runs"][0]["viewers_received"])
+    assert preview.targets(section)[0]["name"].startswith("browser preview")
+    assert preview_threads() == []
