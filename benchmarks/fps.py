@@ -1,6 +1,7 @@
 """Frame-rate benchmark CLI: storage, each stage, every model per backend, and the pipeline end to end.
 
-    python -m benchmarks.fps [--quick] [--sections storage,stages,models,end_to_end]   (or --sections soak,tracking)
+    python -m benchmarks.fps [--quick] [--sections storage,stages,models,end_to_end]
+                             (on request: --sections soak,tracking,batch,preview,end_to_end_readout)
                              [--dirs hdd=/mnt/hdd/seq ssd=/mnt/ssd/seq] [--json FILE] [--markdown FILE]
                              [--plot FILE.png] [--workdir DIR] [--config PATH] [--set K=V]
                              [--device auto|cpu|cuda|cuda:N] [--half] [-v|-q]
@@ -18,8 +19,10 @@ git commit), ``weights`` (which model, and whether it is the trained checkpoint)
 ``estimated_s``, ``duration_s``, one key per section that ran — ``storage`` (+ ``storage_gap``),
 ``stages``, ``hologram`` (demodulation per frame, ours beside qpretrieve), ``models``, ``end_to_end`` (``pipeline_fps``, ``naive_fps``, ``speedup``,
 ``slowest_stage``, ``slowest_stage_fps``, ``efficiency``), ``soak`` (RSS over a 100,000-frame run and a
-long synthetic build; run only when named, a few minutes, :mod:`benchmarks.soak`) — and ``targets``
-(name, measured, required, met).
+long synthetic build; run only when named, a few minutes, :mod:`benchmarks.soak`), and the other
+on-request sections ``tracking`` (:mod:`benchmarks.tracking`), ``batch`` (:mod:`benchmarks.batch`),
+``preview`` (:mod:`benchmarks.preview`) and ``end_to_end_readout`` (``end_to_end`` with the object
+read-out on) — and ``targets`` (name, measured, required, met).
 """
 
 from __future__ import annotations
