@@ -150,12 +150,17 @@ def unwrap_in_box(box: np.ndarray, inside: np.ndarray) -> np.ndarray:
     smooth, so neighbouring pixels differ by far less than π and the sum is the true phase."""
     if float(np.abs(box[inside.view(bool)]).max(initial=0.0)) < WRAP_RISK_RAD:
         return box
-    two_pi = 2.0 * math.pi
-    along_x = np.diff(box, axis=1, prepend=0.0)
-    along_y = np.diff(box, axis=0, prepend=0.0)
-    along_x[:, 1:] = (along_x[:, 1:] + math.pi) % two_pi - math.pi
-    along_y[1:] = (along_y[1:] + math.pi) % two_pi - math.pi
-    return (0.5 * (np.cumsum(along_x, axis=1) + np.cumsum(along_y, axis=0))).astype(np.float32)
+    box = box.astype(np.float32, copy=False)
+    two_pi = np.float32(2.0 * math.pi)
+    along_x, along_y = box.copy(), box.copy()  # first column / row: the edge value itself
+    step = box[:, 1:] - box[:, :-1]
+    along_x[:, 1:] = step - two_pi * np.rint(step / two_pi)  # the wrapped difference, in (-π, π]
+    step = box[1:] - box[:-1]
+    along_y[1:] = step - two_pi * np.rint(step / two_pi)
+    unwrapped = np.cumsum(along_x, axis=1)
+    unwrapped += np.cumsum(along_y, axis=0)
+    unwrapped *= np.float32(0.5)
+    return unwrapped
 
 
 SPLIT_SOLIDITY = 0.9
@@ -301,6 +306,19 @@ def background_corrected_sum(phase: np.ndarray, region: np.ndarray, ring: np.nda
     return region_sum - (a * region_count + b * rx + c * ry)
 
 
+@dataclass(frozen=True, eq=False)
+class _PhaseAround:
+    """The (unwrapped) phase of a component's padded box, whose top-left pixel is (``top``, ``left``)."""
+
+    top: int
+    left: int
+    values: np.ndarray
+
+    def inner(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """The part over the box ``x, y, w, h`` (inside the padded one)."""
+        return self.values[y - self.top:y - self.top + h, x - self.left:x - self.left + w]
+
+
 class ObjectMeasurer:
     """Label map (H×W uint8) [+ phase (H×W float, rad)] -> :class:`FrameObjects`. Inputs are not modified.
 
@@ -356,6 +374,7 @@ class ObjectMeasurer:
             count, class_components = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
             contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
             pieces: list[tuple[int, int, int, int, int]] = []  # component, x, y, w, h
+            phase_of: dict[int, _PhaseAround | None] = {}
             for contour, (_, _, _, parent) in zip(contours, hierarchy[0], strict=True):
                 if parent != -1:  # the border of a hole, not of a component
                     continue
@@ -364,16 +383,16 @@ class ObjectMeasurer:
                     continue
                 first_x, first_y = contour[0, 0]
                 component = int(class_components[first_y, first_x])
+                around = None if phase is None else self._phase_around(phase, class_components, component, (x, y, w, h))
+                first_piece = len(pieces)
                 if self.split and cv2.contourArea(contour) >= 2 * self.min_area_px:
-                    box_phase = None
-                    if phase is not None:
-                        box_phase = phase[y:y + h, x:x + w]
-                        if self.unwrap:
-                            box_phase = unwrap_in_box(box_phase, class_components[y:y + h, x:x + w] == component)
+                    box_phase = None if around is None else around.inner(x, y, w, h)
                     count = _split_touching(class_components, component, contour, (x, y, w, h), count, pieces,
                                             self.min_area_px, box_phase)
                 else:
                     pieces.append((component, x, y, w, h))
+                for piece in pieces[first_piece:]:  # the pieces of a split share their component's phase
+                    phase_of[piece[0]] = around
             if components is None:
                 components = class_components
             else:  # disjoint classes share one image, each class's ids after the previous class's
@@ -386,8 +405,9 @@ class ObjectMeasurer:
                 if area < self.min_area_px:
                     continue
                 mean_phase = 0.0
-                if phase is not None:
-                    mean_phase = self._phase_sum(phase, labels, class_components, component, (x, y, w, h)) / area
+                around = phase_of.get(component)
+                if around is not None:
+                    mean_phase = self._phase_sum(around, labels, class_components, component, (x, y, w, h)) / area
                 rows.append((component + offset, class_id, x, y, w, h, area, x + moments["m10"] / area,
                              y + moments["m01"] / area, moments["mu20"], moments["mu02"], moments["mu11"],
                              mean_phase))
@@ -396,18 +416,30 @@ class ObjectMeasurer:
             components = np.zeros(labels.shape, np.int32)
         return self._objects(components, offset, rows, phase is not None)
 
-    def _phase_sum(self, phase: np.ndarray, labels: np.ndarray, components: np.ndarray, component: int,
+    def _padded(self, box: tuple[int, int, int, int], shape: tuple[int, ...]) -> tuple[slice, slice]:
+        x, y, w, h = box
+        pad = self.margin_px + self.ring_px
+        return (slice(max(y - pad, 0), min(y + h + pad, shape[0])), slice(max(x - pad, 0), min(x + w + pad, shape[1])))
+
+    def _phase_around(self, phase: np.ndarray, components: np.ndarray, component: int,
+                      box: tuple[int, int, int, int]) -> _PhaseAround:
+        """A component's phase over its box grown by the margin and ring, unwrapped once (when it
+        nears ±π) for its split and for each of its pieces' sums."""
+        rows, cols = self._padded(box, phase.shape)
+        values = phase[rows, cols]
+        if self.unwrap:
+            values = unwrap_in_box(values, (components[rows, cols] == component).view(np.uint8))
+        return _PhaseAround(rows.start, cols.start, values)
+
+    def _phase_sum(self, around: _PhaseAround, labels: np.ndarray, components: np.ndarray, component: int,
                    box: tuple[int, int, int, int]) -> float:
         """One object's phase sum (rad·px) over the object grown by ``margin_px``, against the plane
         of the background ring around it (see the module's docstring)."""
-        x, y, w, h = box
         pad = self.margin_px + self.ring_px
-        rows = slice(max(y - pad, 0), min(y + h + pad, labels.shape[0]))
-        cols = slice(max(x - pad, 0), min(x + w + pad, labels.shape[1]))
+        rows, cols = self._padded(box, labels.shape)
         inside = (components[rows, cols] == component).view(np.uint8)
-        values = phase[rows, cols]
-        if self.unwrap:
-            values = unwrap_in_box(values, inside)
+        values = around.values[rows.start - around.top:rows.stop - around.top,
+                               cols.start - around.left:cols.stop - around.left]
         if not pad:
             return float(cv2.sumElems(cv2.multiply(values, inside, dtype=cv2.CV_64F))[0])
         occupied = (labels[rows, cols] != 0).view(np.uint8)
