@@ -186,6 +186,7 @@ class Segmenter:
                 yield self._result(item, item.frame.timestamp - first_capture, pipeline.frames_dropped())
         finally:
             handoff.left.set()
+            pipeline.stop()  # a live source would otherwise read on until the hand-off refuses a frame
             driver.join(timeout=3 * config.pipeline.join_timeout_s + 1.0)
         error = outcome.get("error")
         if isinstance(error, PipelineError) and isinstance(error.cause, StreamClosed):

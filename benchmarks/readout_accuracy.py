@@ -50,11 +50,12 @@ def _run(args: list[str]) -> None:
 
 
 def evaluate_sequence(folder: Path, out: Path, weights: str, match_px: float, optics: dict[str, float],
-                      min_area_px: int = 20) -> dict[str, Any]:
+                      min_area_px: int = 20, replay_settings: tuple[str, ...] = ()) -> dict[str, Any]:
     """Replay one written sequence and compare its read-out with the truth beside it. Ground-truth
     objects smaller than ``min_area_px`` (the read-out's ``objects.min_area_px``: cells entering or
     leaving through the border) count neither as misses nor, when found, as false positives."""
     settings = [arg for key, value in optics.items() for arg in ("--set", f"optics.{key}={value}")]
+    settings += [arg for item in replay_settings for arg in ("--set", item)]
     background = ["--background", str(folder / "background.png")] if (folder / "background.png").is_file() else []
     _run(["app.replay", str(folder), "--weights", weights, *background, "--objects", str(out / "objects.csv"),
           "--events", str(out / "events.jsonl"), "-q", *settings])
@@ -129,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
                         for arg in ("--set", item)]
             _run(["app.synth", "--out", str(folder), "--frames", str(args.frames), "--size", str(args.size),
                   "--seed", str(args.seed + k), *(["--randomize"] if args.randomize else []), *settings])
-            result = evaluate_sequence(folder, out, args.weights, args.match_px, optics)
+            min_area = next((int(item.split("=", 1)[1]) for item in args.replay_set
+                             if item.startswith("objects.min_area_px=")), 20)
+            result = evaluate_sequence(folder, out, args.weights, args.match_px, optics, min_area,
+                                       tuple(args.replay_set))
             results.append(result)
             print(f"sequence {k}: MOTA {result['mota']:.3f}, {result['id_switches']} ID switches in "
                   f"{result['object_frames']} object-frames", file=sys.stderr)
@@ -171,6 +175,8 @@ def _parser() -> Parser:
     parser.add_argument("--weights", default="weights/icnet_interferogram.pt")
     parser.add_argument("--match-px", type=float, default=8.0, help="centroid distance that counts as a match")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more synth settings")
+    parser.add_argument("--replay-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="settings for the replay that measures (e.g. objects.min_area_px=60)")
     parser.add_argument("--json", type=Path, help="write the full result here")
     return parser
 

@@ -98,6 +98,19 @@ def test_leaving_the_loop_early_stops_the_pipeline_and_joins_its_threads(segment
     assert segmenter.last_result is None  # the run did not finish
 
 
+def test_leaving_a_live_stream_stops_the_endless_source(segmenter: Segmenter) -> None:
+    """The synthetic source under realtime runs like a camera, until stopped: leaving the loop stops
+    the pipeline (Pipeline.stop) and no thread is left."""
+    before = set(threading.enumerate())
+    segmenter.last_result = None
+    seen = 0
+    for _ in segmenter.stream("synthetic", realtime=True):
+        seen += 1
+        if seen == 3:
+            break
+    assert set(threading.enumerate()) == before
+
+
 def test_a_slow_loop_holds_a_file_source_back_and_loses_no_frame(stack: Path) -> None:
     slow = Segmenter(device="cpu", overrides={"pipeline.queue_size": 1})
     seen = []

@@ -172,7 +172,7 @@ class PipelineResult:
 
     ``latency`` is capture -> written (ms: mean/p50/p95) for every frame, a frame captured before the
     first backend warm-up ended counting from its end; ``stopped`` is "end of stream",
-    "max_frames", "user" (display quit) or "interrupted" (Ctrl-C); ``stats`` maps stage name to
+    "max_frames", "user" (display quit), "stopped" (:meth:`Pipeline.stop`) or "interrupted" (Ctrl-C); ``stats`` maps stage name to
     :meth:`app.pipeline.stats.StageStats.summary`.
     """
 
@@ -458,6 +458,13 @@ class Pipeline:
         self._current: dict[str, int | None] = dict.fromkeys(STAGES)
         self._closed: set[str] = set()
         self._ran = False
+        self._stopped_by: str | None = None
+
+    def stop(self) -> None:
+        """Ask a run to end now, from any thread, as a first Ctrl-C does: the source stops reading, the
+        stages end and the sinks finish their files. The result's ``stopped`` is ``"stopped"``."""
+        self._stopped_by = "stopped"
+        self._stop.set()
 
     def frames_dropped(self) -> int:
         """Frames dropped so far (edge drops plus drops inside the source); safe to call any time."""
@@ -586,8 +593,8 @@ class Pipeline:
         last_progress = time.perf_counter()
         while not self._source_done() and not self._stop.is_set():
             items = self._step(self.stages[0], [])
-            if isinstance(items[0], EndOfStream):
-                return "end of stream"
+            if isinstance(items[0], EndOfStream):  # a stopped source ends its stream too
+                return self._stopped_by or "end of stream"
             for stage in self.stages[1:]:
                 items = self._step(stage, items)
             if self.display is not None and not self.display.show(items[0].overlay):
@@ -596,7 +603,7 @@ class Pipeline:
             if now - last_progress >= _PROGRESS_INTERVAL_S:
                 last_progress = now
                 self._report_progress()
-        return "max_frames"
+        return self._stopped_by or "max_frames"
 
 
 class _Threads:
@@ -645,7 +652,8 @@ class _Threads:
         if self.failure is not None:
             self.failure.result = pipeline._result("threaded", time.perf_counter() - started, f"failed: {self.failure}")
             raise self.failure
-        return pipeline._result("threaded", time.perf_counter() - started, stopped or self.end_reason)
+        return pipeline._result("threaded", time.perf_counter() - started,
+                                stopped or pipeline._stopped_by or self.end_reason)
 
     def _thread(self, stage: Stage, inbox: Edge | None, outbox: Edge | None) -> None:
         if self.affinity is not None:

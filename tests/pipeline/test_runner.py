@@ -128,3 +128,42 @@ def test_unfinished_names_the_stages_and_files_still_open(tmp_path):
     assert seen == [["source", "preprocess (frame 1)", "inference (frame 1)", "overlay (frame 1)",
                      f"sinks ({second.path})"]]
     assert pipeline.unfinished() == []
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_stop_ends_an_endless_live_run_from_another_thread(sequential):
+    import threading
+
+    config = replace(small_config(), source={"fps": 50.0, "loop": True},
+                     synth={"size": 32, "frames": 4, "num_cells": 1, "num_particles": 0, "num_dust_rings": 0})
+    source = open_source("synthetic", config)
+    preprocessor, worker, renderer = make_stages(FakeBackend())
+
+    class Counting:
+        path = "<count>"
+
+        def __init__(self) -> None:
+            self.frames = 0
+            self.three = threading.Event()
+
+        def write(self, item) -> None:
+            self.frames += 1
+            if self.frames >= 3:
+                self.three.set()
+
+        def close(self) -> None:
+            pass
+
+    sink = Counting()
+    pipeline = Pipeline(source, preprocessor, worker, renderer, [sink], pipeline_settings())
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(
+        result=pipeline.run_sequential() if sequential else pipeline.run()))
+    before = set(threading.enumerate())
+    runner.start()
+    assert sink.three.wait(20), "the live run never delivered three frames"
+    pipeline.stop()
+    runner.join(20)
+    assert not runner.is_alive()
+    assert outcome["result"].stopped == "stopped" and outcome["result"].frames >= 3
+    assert set(threading.enumerate()) <= before
