@@ -237,6 +237,9 @@ def run_app(prog: str, config: Config, *, realtime: bool, num_classes: int | Non
             display.close()
     with deferred_interrupts():  # a Ctrl-C during the summary must not lose the stats file
         report(result, config, hologram_summary(stages.preprocessor), stages.readout)
+        warning = stages.readout.sign_warning() if stages.readout is not None else None
+        if warning:
+            log.warning("%s", warning)
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 
 

@@ -51,6 +51,10 @@ def phase_sign_of(objects: FrameObjects) -> float:
     return 1.0 if float(np.sum(objects.integrated_phase_rad_px)) >= 0 else -1.0
 
 
+SUSPECT_NEGATIVE_FRACTION = 0.5
+"""Above this share of objects with negative dry mass, :meth:`ReadOut.sign_warning` speaks up."""
+
+
 class ReadOut:
     """Label maps (+ phase) of one run, in frame order -> :class:`FrameReadout`. One per run (it holds
     the tracker); used from one thread.
@@ -72,6 +76,8 @@ class ReadOut:
                                confirm_frames=settings.division_confirm_frames,
                                max_daughter_area_ratio=settings.max_daughter_area_ratio)
         self.phase_sign: float | None = float(optics.phase_sign) if optics.phase_sign else None
+        self.masses_measured = 0  # objects measured with phase so far, and those of negative dry mass
+        self.masses_negative = 0
         self._t0: float | None = None
         self._first_index: int | None = None
         self._last = (0, 0.0)  # frames since the first, seconds since the first
@@ -99,6 +105,9 @@ class ReadOut:
         time_s = self._time_s(frame)
         self._last = (frame.index - (self._first_index or 0), time_s)
         objects = self._measure(labels, frame.phase)
+        if objects.dry_mass_pg is not None:
+            self.masses_measured += len(objects)
+            self.masses_negative += int(np.count_nonzero(objects.dry_mass_pg < 0))
         tracks = self.tracker.update(objects, frame.index)
         covered = float(np.sum(objects.area_px)) / labels.size if len(objects) else 0.0
         total = float(np.sum(objects.dry_mass_pg)) if objects.dry_mass_pg is not None else None
@@ -113,9 +122,26 @@ class ReadOut:
 
     def settings_summary(self) -> dict[str, object]:
         """What the read-out measured with, for the ``--stats`` JSON: the optics (and where the pixel
-        size came from: ``config`` or the source ``file``), the object settings and the phase sign."""
+        size came from: ``config`` or the source ``file``), the object settings, the phase sign and the
+        share of objects whose dry mass came out negative."""
         return {"optics": dataclasses.asdict(self.optics), "pixel_size_from": self.pixel_size_origin,
-                "objects": dataclasses.asdict(self.settings), "phase_sign": self.phase_sign}
+                "objects": dataclasses.asdict(self.settings), "phase_sign": self.phase_sign,
+                "negative_dry_mass_fraction": self.negative_fraction}
+
+    @property
+    def negative_fraction(self) -> float | None:
+        """Share of the objects measured with phase whose dry mass is negative (None before any)."""
+        return self.masses_negative / self.masses_measured if self.masses_measured else None
+
+    def sign_warning(self) -> str | None:
+        """A line for the user when most objects came out with negative dry mass: then the phase sign
+        chosen from the first objects was most likely wrong for this microscope."""
+        fraction = self.negative_fraction
+        if fraction is None or fraction <= SUSPECT_NEGATIVE_FRACTION or self.optics.phase_sign:
+            return None
+        flipped = -int(self.phase_sign or 1)
+        return (f"{100 * fraction:.0f} % of the objects measured have negative dry mass: the phase sign "
+                f"chosen from the first objects is likely wrong here; rerun with --set optics.phase_sign={flipped}")
 
     def summaries(self) -> list[TrackSummary]:
         """Every track of the run so far, speeds in µm/s at :attr:`frame_rate`."""

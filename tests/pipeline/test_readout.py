@@ -230,3 +230,21 @@ def test_phase_sign_must_be_one_minus_one_or_zero():
 
     with pytest.raises(ConfigError, match="optics.phase_sign must be 1, -1 or 0"):
         OpticsConfig(phase_sign=2)
+
+
+def test_a_run_whose_objects_come_out_negative_says_the_sign_is_likely_wrong():
+    readout = ReadOut(OPTICS, ObjectsConfig(), classes=[1], fps=10.0)
+    # The first frame's objects (a strong bead-like disc) set the sign; every later cell is negative.
+    frame, labels = disc_frame(0, [(30, 30)], sign=1.0)
+    readout(frame, labels)
+    for index in range(1, 8):
+        frame, labels = disc_frame(index, [(30 + index, 30), (90, 90)], sign=-1.0)
+        readout(frame, labels)
+    assert readout.negative_fraction == pytest.approx(14 / 15)
+    assert "optics.phase_sign=-1" in readout.sign_warning()
+    assert readout.settings_summary()["negative_dry_mass_fraction"] == pytest.approx(14 / 15)
+    fixed = ReadOut(OpticsConfig(phase_sign=-1), ObjectsConfig(), classes=[1], fps=10.0)
+    for index in range(1, 4):
+        frame, labels = disc_frame(index, [(30 + index, 30)], sign=-1.0)
+        fixed(frame, labels)
+    assert fixed.negative_fraction == 0.0 and fixed.sign_warning() is None
