@@ -9,7 +9,8 @@ them with ``app.replay --objects --events`` and the shipped weights, and compare
 measured ones by centroid (within ``--match-px``), frame by frame. Dry mass is scored on cells; beads,
 debris and organisms (whose refraction increment is not a protein's) are reported apart. A divide
 event matches a true division when it comes within 5 frames of it and its parent track was matched
-to the dividing cell just before.
+to the dividing cell just before. ``tracking_on_true_masks`` runs the tracker alone on each sequence's
+true instance maps: what tracking and its events score when segmentation is perfect.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from app.cli import Parser, main_of
+from app.config import load_config
 from app.errors import EXIT_OK
 from app.files import write_text
+from app.synthesis import make_sequence
 from app.training.tracking_metrics import mot_from_centroids
 
 _DEFAULT_SETTINGS = ("synth.num_cells=8", "synth.drift_px_per_frame=1.0", "synth.object_radius_px=[10,16]",
@@ -119,6 +122,34 @@ def evaluate_sequence(folder: Path, out: Path, weights: str, match_px: float, op
             "divide_events": len(divides), "divide_events_matching": matching}
 
 
+def tracking_on_true_masks(synth: Any, objects: Any, match_px: float) -> dict[str, Any]:
+    """The tracker alone: every frame's true instance map (each object a label value of its own, so
+    touching objects stay apart) measured and tracked as the read-out does, against the true ids.
+    What tracking and its events score when segmentation is perfect."""
+    from app.pipeline.objects import ObjectMeasurer
+    from app.pipeline.tracking import DIVIDE, Tracker
+
+    sequence = make_sequence(synth)
+    measurer = ObjectMeasurer(min_area_px=objects.min_area_px)
+    tracker = Tracker(objects.max_link_distance_px, objects.max_gap_frames, confirm_frames=objects.division_confirm_frames,
+                      max_daughter_area_ratio=objects.max_daughter_area_ratio)
+    truth, found, divides = [], [], []
+    for index in range(len(sequence)):
+        frame = sequence.frame(index)
+        ids = frame.instances.astype(np.int64)
+        labels = np.where(ids > 0, (ids - 1) % 254 + 1, 0).astype(np.uint8)  # 254 values: ids in view at once are fewer
+        measured = measurer(labels)
+        tracks = tracker.update(measured, index)
+        divides += [event for event in tracks.events if event.kind == DIVIDE]
+        found.append({int(t): tuple(xy) for t, xy in zip(tracks.track_ids, measured.centroid_xy, strict=True)})
+        sizes = np.bincount(ids.ravel())
+        truth.append({o.object_id: (o.x_px, o.y_px) for o in frame.objects
+                      if o.object_id < len(sizes) and sizes[o.object_id] >= objects.min_area_px})
+    mot = mot_from_centroids(truth, found, match_px)
+    return {"mota": mot.mota, "id_switches": mot.id_switches, "object_frames": mot.ground_truth_objects,
+            "divide_events": len(divides), "divisions_true": len(getattr(sequence, "divisions", ()))}
+
+
 def run(args: argparse.Namespace) -> int:
     optics = {"pixel_size_um": 0.5, "wavelength_nm": 633.0, "refraction_increment_ml_per_g": 0.19}
     results = []
@@ -134,6 +165,14 @@ def run(args: argparse.Namespace) -> int:
                              if item.startswith("objects.min_area_px=")), 20)
             result = evaluate_sequence(folder, out, args.weights, args.match_px, optics, min_area,
                                        tuple(args.replay_set))
+            # The same sequence again (same seed and settings), its true masks tracked without the model.
+            same = load_config(None, [f"synth.size={args.size}", f"synth.frames={args.frames}",
+                                      f"synth.seed={args.seed + k}", f"synth.randomize={str(args.randomize).lower()}",
+                                      *(item for item in settings if item != "--set"), *args.replay_set])
+            truth_frames = _read_csv(folder / "objects.csv")
+            if sum(row["frame"] == "0" for row in truth_frames) != len(make_sequence(same.synth).frame(0).objects):
+                raise RuntimeError("could not rebuild the written sequence for the true-mask tracking")
+            result["tracking_on_true_masks"] = tracking_on_true_masks(same.synth, same.objects, args.match_px)
             results.append(result)
             print(f"sequence {k}: MOTA {result['mota']:.3f}, {result['id_switches']} ID switches in "
                   f"{result['object_frames']} object-frames", file=sys.stderr)
@@ -153,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
         "dry_mass_matches": {"in_focus": len(in_focus), "defocused": len(defocused)},
         "dry_mass_median_relative_error_other_kinds": others,
         "divide_events_matching": sum(r["divide_events_matching"] for r in results),
+        "tracking_on_true_masks": {
+            "mota_mean": statistics.fmean(r["tracking_on_true_masks"]["mota"] for r in results),
+            "id_switches": sum(r["tracking_on_true_masks"]["id_switches"] for r in results),
+            "divide_events": sum(r["tracking_on_true_masks"]["divide_events"] for r in results)},
         "divisions_true": sum(r["divisions_true"] for r in results),
         "divide_events": sum(r["divide_events"] for r in results),
         "sequences": results,

@@ -277,3 +277,32 @@ def test_a_piece_breaking_off_a_cell_is_no_division():
     with pytest.raises(TrackingError, match="max_daughter_area_ratio"):
         Tracker(max_daughter_area_ratio=0.5)
 
+
+
+def test_on_the_generators_true_masks_every_cell_keeps_its_id_and_the_division_is_one_event():
+    """Tracking alone, on the project's own generator with exact instance maps: what the read-out
+    scores when segmentation is perfect (benchmarks.readout_accuracy reports the same per sequence)."""
+    from app.config import SynthConfig
+    from app.synthesis import make_sequence
+    from app.training.tracking_metrics import mot_from_centroids
+
+    sequence = make_sequence(SynthConfig(size=160, frames=48, seed=21, num_cells=5, num_divisions=1,
+                                         drift_px_per_frame=1.0, num_particles=0))
+    (division,) = sequence.divisions
+    tracker = Tracker(max_link_distance_px=30.0, max_gap_frames=3)
+    truth, found, events, parent_track = [], [], [], set()
+    for index in range(len(sequence)):
+        frame = sequence.frame(index)
+        objects = ObjectMeasurer(min_area_px=20)(frame.instances.astype(np.uint8))
+        result = tracker.update(objects, index)
+        events += result.events
+        found.append({int(t): tuple(xy) for t, xy in zip(result.track_ids, objects.centroid_xy, strict=True)})
+        truth.append({o.object_id: (o.x_px, o.y_px) for o in frame.objects if o.area_px >= 20})
+        if index == division.frame - 1:
+            parent = next(o for o in frame.objects if o.object_id == division.parent_id)
+            parent_track.add(id_of(objects, result.track_ids, parent.x_px, parent.y_px))
+    score = mot_from_centroids(truth, found, 8.0)
+    assert score.mota >= 0.99 and score.id_switches == 0
+    divides = [e for e in events if e.kind == DIVIDE]
+    assert len(divides) == 1 and divides[0].ended[0] in parent_track
+    assert abs(divides[0].frame - division.frame) <= 3
