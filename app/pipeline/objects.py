@@ -170,7 +170,7 @@ SPLIT_SOLIDITY_WITH_PHASE = 0.95
 """With phase the check is cheaper to trust, so only components this close to convex are left whole
 unchecked: overlapping cells make a shallow waist but keep a phase dome each."""
 PEAK_PROMINENCE_RAD = 0.25
-PEAK_PROMINENCE_FRACTION = 0.1
+PEAK_PROMINENCE_FRACTION = 0.15
 """A phase peak counts as a cell of its own when it rises this far above the saddle to any higher
 peak: at least ``PEAK_PROMINENCE_RAD`` and this fraction of the component's highest phase (a nucleus
 or the texture inside one cell does not)."""
