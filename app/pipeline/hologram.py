@@ -148,6 +148,8 @@ class SidebandPlan:
     conjugate: np.ndarray  # (h, w) bool
     weights: np.ndarray  # (h, w) complex64, already ifftshifted
     ramp: np.ndarray  # (h, w) complex64
+    border_rows: np.ndarray  # (h, w) complex64: the periodic-component correction (see periodic_correction)
+    border_cols: np.ndarray  # (h, w) complex64
 
 
 def _window_side(extent_bins: float, full: int, oversample: float) -> int:
@@ -210,9 +212,41 @@ def plan_sideband(shape: tuple[int, int], carrier: Carrier, filter_name: str = "
     yy = np.arange(h)[:, None] * (height / h)
     xx = np.arange(w)[None, :] * (width / w)
     ramp = np.exp(-2j * np.pi * (residual_y * yy + residual_x * xx)).astype(np.complex64)
+    rows, cols = np.fft.ifftshift(rows), np.fft.ifftshift(cols)
+    border_rows, border_cols = _border_factors(rows, cols, (height, width))
     # The window is unshifted by ifftshift, so its first sample sits at the centre bin.
-    return SidebandPlan((height, width), carrier, (h, w), np.fft.ifftshift(rows), np.fft.ifftshift(cols),
-                        np.fft.ifftshift(conjugate), weights, ramp)
+    return SidebandPlan((height, width), carrier, (h, w), rows, cols, np.fft.ifftshift(conjugate), weights, ramp,
+                        border_rows, border_cols)
+
+
+def _border_factors(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The factors that turn the DFTs of a frame's two border differences into the spectrum of its
+    smooth component at the window's bins (Moisan 2011, "Periodic plus smooth image decomposition").
+
+    An FFT treats the frame as periodic, so the jump between opposite edges (fringes rarely fit the
+    frame a whole number of times) rings across the whole spectrum, sideband included: the
+    demodulated phase is noisy for a few pixels along the edges, and a model reads that as objects.
+    The frame is ``p + s`` with ``p`` periodic and ``s`` smooth, and ``ŝ = v̂ / (2cos 2πq/H + 2cos 2πr/W − 4)``
+    for the image ``v`` of the edge jumps, whose spectrum needs only two 1-D FFTs:
+    ``v̂(q, r) = A(r)(1 − e^{2πiq/H}) + B(q)(1 − e^{2πir/W})`` with ``A`` the DFT of the last row minus
+    the first and ``B`` that of the last column minus the first."""
+    height, width = shape
+    q, r = 2.0 * np.pi * rows / height, 2.0 * np.pi * cols / width
+    denominator = 2.0 * np.cos(q) + 2.0 * np.cos(r) - 4.0
+    safe = np.where(denominator == 0.0, 1.0, denominator)
+    keep = denominator != 0.0  # the DC bin: the smooth part has zero mean
+    border_rows = np.where(keep, (1.0 - np.exp(1j * q)) / safe, 0.0).astype(np.complex64)
+    border_cols = np.where(keep, (1.0 - np.exp(1j * r)) / safe, 0.0).astype(np.complex64)
+    return border_rows, border_cols
+
+
+def periodic_correction(data: np.ndarray, plan: SidebandPlan) -> np.ndarray:
+    """The spectrum of the frame's smooth component at the window's bins (h×w complex64, before the
+    conjugation of negative-fx bins): subtracted from the frame's, it leaves the periodic component's,
+    free of the edge jumps' ringing (see :func:`_border_factors`)."""
+    along_x = scipy.fft.rfft(data[-1, :] - data[0, :], workers=1)  # A(r), r = 0..W/2
+    along_y = scipy.fft.fft(data[:, -1] - data[:, 0], workers=1)  # B(q), q = 0..H-1
+    return (along_x[plan.cols] * plan.border_rows + along_y[plan.rows] * plan.border_cols).astype(np.complex64)
 
 
 def sideband_field(image: np.ndarray, plan: SidebandPlan) -> np.ndarray:
@@ -223,6 +257,7 @@ def sideband_field(image: np.ndarray, plan: SidebandPlan) -> np.ndarray:
                             f"{plan.shape[1]}×{plan.shape[0]}")
     half = scipy.fft.rfft2(data, workers=1)
     window = half[plan.rows, plan.cols]
+    window -= periodic_correction(data, plan)
     np.conjugate(window, out=window, where=plan.conjugate)
     window *= plan.weights
     field = scipy.fft.ifft2(window, workers=1, overwrite_x=True)
@@ -447,6 +482,10 @@ class TorchDemodulator:
             "shape": plan.shape,
             "index": torch.as_tensor((plan.rows * half_width + plan.cols).ravel(), **to),
             "conjugate": torch.as_tensor(plan.conjugate, **to),
+            "rows": torch.as_tensor(plan.rows, **to),
+            "cols": torch.as_tensor(plan.cols, **to),
+            "border_rows": torch.as_tensor(plan.border_rows, **to),
+            "border_cols": torch.as_tensor(plan.border_cols, **to),
             "weights": torch.as_tensor(plan.weights, **to),
             "ramp_inverse": torch.as_tensor(plan.ramp * self.cpu.reference_inverse, **to),
             "grid": self._resize_grid(plan.window, plan.shape),
@@ -473,6 +512,9 @@ class TorchDemodulator:
         h, w = t["weights"].shape
         half = torch.fft.rfft2(frames)
         window = half.flatten(1)[:, t["index"]].view(-1, h, w)
+        along_x = torch.fft.rfft(frames[:, -1, :] - frames[:, 0, :])  # see periodic_correction
+        along_y = torch.fft.fft(frames[:, :, -1] - frames[:, :, 0])
+        window = window - (along_x[:, t["cols"]] * t["border_rows"] + along_y[:, t["rows"]] * t["border_cols"])
         window = torch.where(t["conjugate"], window.conj(), window) * t["weights"]
         field = torch.fft.ifft2(window) * t["ramp_inverse"]
         sample = field[:, ::4, ::4]

@@ -203,3 +203,28 @@ def test_phase_agrees_with_qpretrieve_on_hl60() -> None:
 def test_bad_filter_settings_fail_before_the_first_frame(name: str, size: float, message: str) -> None:
     with pytest.raises(H.HologramError, match=message):
         H.OffAxisDemodulator(filter_name=name, filter_size=size)
+
+
+def test_periodic_correction_removes_the_edge_ringing() -> None:
+    """An uneven illumination does not match across the frame's edges; the FFT rings from that jump.
+    With the periodic component's spectrum (Moisan) the phase error along the four edges of an empty
+    hologram falls by a third against the plain spectrum's (0.26 -> 0.18 rad here), inside unchanged."""
+    height, width = 96, 128
+    yy, xx = np.mgrid[:height, :width]
+    carrier = H.Carrier.from_period(5.3, 352.0).canonical()
+    envelope = np.exp(-(((yy - 30) / 70.0) ** 2 + ((xx - 90) / 80.0) ** 2))
+    image = 200.0 * envelope * (1 + 0.5 * np.cos(2 * np.pi * (carrier.fy * yy + carrier.fx * xx)))
+    plan = H.plan_sideband((height, width), carrier)
+
+    def errors(field: np.ndarray) -> tuple[float, float]:
+        phase = np.angle(field)
+        error = np.abs(np.angle(np.exp(1j * phase) / np.exp(1j * phase[5:-5, 5:-5]).mean()))
+        return (float(np.mean([error[0].mean(), error[-1].mean(), error[:, 0].mean(), error[:, -1].mean()])),
+                float(error[5:-5, 5:-5].mean()))
+
+    window = np.fft.rfft2(image)[plan.rows, plan.cols]  # the plain spectrum, the same steps otherwise
+    np.conjugate(window, out=window, where=plan.conjugate)
+    plain_edge, plain_inside = errors(np.fft.ifft2(window * plan.weights) * plan.ramp)
+    edge, inside = errors(H.sideband_field(image, plan))
+    assert edge < 0.8 * plain_edge
+    assert inside < 1.1 * plain_inside + 1e-3
