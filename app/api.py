@@ -120,7 +120,7 @@ class Segmenter:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return self.meta.class_names
+        return self.meta.label_names
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """H×W uint8 class ids for one H×W or H×W×C image (uint8, uint16, or float scaled 0..1; colour
@@ -131,7 +131,7 @@ class Segmenter:
             backend = build_backend(self.config, self.model, self.meta, concurrent=False)
             if "cuda" not in str(backend.device) and self.config.model.precision != "fp32":
                 log.warning("%s precision needs CUDA; %s runs fp32", self.config.model.precision, backend.name)
-            self._predictor = build_inference(self.config, backend)
+            self._predictor = build_inference(self.config, backend, self.meta)
         tensor = build_preprocessor(self.config, self.meta)(image)
         return self._predictor.predict([tensor], [image.shape[:2]])[0]
 

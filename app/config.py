@@ -365,6 +365,8 @@ class TrainConfig:
     hologram: str = "none"  # none | offaxis: train on demodulated field channels (recorded in the checkpoint)
     hologram_background_fraction: float = 0.5  # share of sequences demodulated with their background hologram
     phase_sign_flip: bool = True  # hologram: random phase sign (the sideband sign differs between microscopes)
+    contact_px: int = 0  # synthetic: object pixels this close to another object become the last class, "contact"
+    init_weights: str = ""  # a checkpoint of this project to start from (new classes start as the last old one)
 
 
 @dataclass(frozen=True)

@@ -138,11 +138,11 @@ def _run(args: argparse.Namespace) -> int:
         if not cv2.imwrite(str(path), labels):
             raise EvaluateError(f"cannot write {path}")
 
-    result = Evaluator(backend, settings, meta.num_classes).run(frames, save_mask if masks_dir else None)
-    print(format_scores(result, meta.class_names))
+    result = Evaluator(backend, settings, meta.num_labels, meta.contact_class).run(frames, save_mask if masks_dir else None)
+    print(format_scores(result, meta.label_names))
     if args.json:
         report = dict(result.scores) if result.scores else {key: None for key in METRIC_KEYS}
-        report.update({"class_names": list(meta.class_names), "fractions": result.fractions,
+        report.update({"class_names": list(meta.label_names), "fractions": result.fractions,
                        "frames": result.frames, "labelled_frames": result.labelled_frames, "fps": result.fps,
                        "weights": args.weights, "data": what})
         path = Path(args.json)
@@ -179,11 +179,11 @@ def run_sweep(sweep: tuple[str, list[Any]], cfg: Config, args: argparse.Namespac
         synth = dataclasses.replace(cfg.synth, randomize=True, keep=tuple(sorted({*cfg.synth.keep, key})),
                                     **{key: value})
         frames = synthetic_frames(replace(cfg, synth=dataclasses.asdict(synth)), args.sequences, args.with_background)
-        result = Evaluator(backend, settings, meta.num_classes).run(frames)
+        result = Evaluator(backend, settings, meta.num_labels, meta.contact_class).run(frames)
         scores = result.scores or {}
-        iou = scores.get("iou") or [float("nan")] * meta.num_classes
+        iou = scores.get("iou") or [float("nan")] * meta.num_labels
         rows.append({key: value, "miou": scores.get("miou"), "mdice": scores.get("mdice"),
-                     **{f"iou_{name}": iou[c] for c, name in enumerate(meta.class_names)}, "frames": result.frames})
+                     **{f"iou_{name}": iou[c] for c, name in enumerate(meta.label_names)}, "frames": result.frames})
     header = list(rows[0])
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))

@@ -212,7 +212,7 @@ def run_app(prog: str, config: Config, *, realtime: bool, num_classes: int | Non
             preview.close()
         raise
     if preview is not None:  # a sink like the others: the runner closes it, which stops the server
-        stages.sinks.append(preview.open_sink(config.output, stages.meta.class_names, stages.meta.palette))
+        stages.sinks.append(preview.open_sink(config.output, stages.meta.label_names, stages.meta.palette))
     progress = make_progress(stages.source.info)
     try:  # from here the runner closes every stage; until it starts, this does
         log.info("%s: %s -> %s with %s (%s); %s", prog, config.source.uri,

@@ -67,7 +67,7 @@ def run_section(ctx: Context, readout: bool = False) -> dict[str, Any]:
     # gets the thread count model.threads gives it (auto: all cores but one vs all cores).
     backends = {"pipeline": ctx.backend(config.model.backend, concurrent=True),
                 "naive": ctx.backend(config.model.backend, concurrent=False)}
-    workers = {mode: build_inference(config, backend) for mode, backend in backends.items()}
+    workers = {mode: build_inference(config, backend, meta) for mode, backend in backends.items()}
     backend, worker = backends["pipeline"], workers["pipeline"]
     renderer = build_renderer(config, meta.palette)
 
@@ -75,7 +75,7 @@ def run_section(ctx: Context, readout: bool = False) -> dict[str, Any]:
         mode_config = replace(run_config, output=outputs(mode))
         source = open_source(str(folder), mode_config, realtime=False)
         try:
-            sinks = open_sinks(mode_config.output, meta.class_names)
+            sinks = open_sinks(mode_config.output, meta.label_names)
         except BaseException:
             source.close()
             raise
@@ -106,7 +106,7 @@ def run_section(ctx: Context, readout: bool = False) -> dict[str, Any]:
     def make_readout() -> Any:  # a fresh one per run, as each run of the app has
         from app.pipeline.readout import ReadOut
 
-        return ReadOut(config.optics, config.objects, classes=range(1, meta.num_classes), fps=config.source.fps)
+        return ReadOut(config.optics, config.objects, classes=range(1, meta.num_labels), fps=config.source.fps)
 
     measured = make_readout if readout else None
     sinks_alone = replace(run_config, output=outputs("sinks-alone")).output

@@ -160,7 +160,7 @@ def run_section(ctx: Context, frames: int = FRAMES) -> dict[str, Any]:
                          preview={"address": "127.0.0.1:0", "send_timeout_s": 3600.0,
                                   "record_dir": str(ctx.workdir / "recordings")})
     backend = ctx.backend(config.model.backend, concurrent=True)
-    worker = build_inference(config, backend)
+    worker = build_inference(config, backend, meta)
     renderer = build_renderer(config, meta.palette)
 
     def run(condition: str) -> dict[str, Any]:
@@ -172,7 +172,7 @@ def run_section(ctx: Context, frames: int = FRAMES) -> dict[str, Any]:
         try:
             if viewers is not None:
                 server = PreviewServer(run_config.preview)
-                sinks.append(server.open_sink(run_config.output, meta.class_names, meta.palette))
+                sinks.append(server.open_sink(run_config.output, meta.label_names, meta.palette))
                 if any(viewers):
                     watching = _Viewers(server.url, *viewers)
                     deadline = time.monotonic() + 10

@@ -212,7 +212,7 @@ def run_section(ctx: Context) -> dict[str, Any]:
                                      bench.warmup)))
         items = rendered_items(frames.images, frames.labels, renderer)
         out = ctx.workdir / f"writers-{size}"
-        for kind, make in writer_factories(config, meta.class_names, out).items():
+        for kind, make in writer_factories(config, meta.label_names, out).items():
             ctx.log(f"stages: writer {kind} {size}²")
             rate = measure_sinks(make, items, bench.repeats, bench.warmup)
             rows.append(_row("writer", kind, size, rate, close_ms=rate["close_ms"]))
@@ -273,7 +273,7 @@ def _one_core_rows(ctx: Context, renderer: OverlayRenderer, size: int) -> list[d
     count = max(4, min(bench.frames, 16))
     frames = ctx.cache.frames(size, count)
     predictions = [np.roll(label, 3, axis=1) for label in frames.labels]  # realistic disagreement
-    matrix = ConfusionMatrix(ctx.loaded.meta.num_classes)
+    matrix = ConfusionMatrix(ctx.loaded.meta.num_labels)
     pairs = list(zip(predictions, frames.labels, strict=True))
     rows = []
     with one_core():

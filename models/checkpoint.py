@@ -37,6 +37,10 @@ _BASE_PALETTE = ((0, 0, 0), (0, 220, 0), (230, 25, 75), (0, 130, 200), (255, 225
                  (0, 128, 128), (170, 110, 40), (128, 0, 0), (170, 255, 195), (128, 128, 0))
 
 
+CONTACT_CLASS = "contact"
+"""Name of a last class that marks the seams between touching objects (``train.contact_px``)."""
+
+
 def default_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
     """RGB 0-255 colour per class: black background, then fixed distinct colours, then golden-ratio hues."""
     colours = list(_BASE_PALETTE[:num_classes])
@@ -68,6 +72,24 @@ class CheckpointMeta:
     train_config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def contact_class(self) -> int | None:
+        """The id of the class of seams between touching objects: the last class when it is named
+        :data:`CONTACT_CLASS` and follows background and at least one object class; else None."""
+        names = self.class_names
+        return len(names) - 1 if len(names) >= 3 and names[-1] == CONTACT_CLASS else None
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The classes of the label maps the pipeline hands on: all but a contact class, whose pixels
+        go to class 1 (see :mod:`app.pipeline.inference`)."""
+        contact = self.contact_class
+        return self.class_names if contact is None else self.class_names[:contact]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable copy (tuples become lists)."""

@@ -143,7 +143,7 @@ def run_batch(config: Config, specs: list[SequenceSpec], out: str | Path, *, pro
     skipped = [spec.name for spec in specs if manifest.finished(spec.name, prints[spec.name])]
     ray, started_here = connect(config.batch.address, verbose=verbose) if todo else (None, False)
     started = time.time()
-    collector = Collector(folder, specs, prints, manifest, list(meta.class_names), started)
+    collector = Collector(folder, specs, prints, manifest, list(meta.label_names), started)
     collector.results.update({name: {**json.loads((folder / name / "summary.json").read_text()), "status": "skipped"}
                               for name in skipped})
     plan = PoolPlan.for_cluster(config, ray.cluster_resources()) if todo else None

@@ -103,7 +103,7 @@ class SegmentActor:
 
         config = replace(config, model={"threads": threads})
         model, meta = load_model(config)
-        self.inference = build_inference(config, build_backend(config, model, meta, concurrent=False))
+        self.inference = build_inference(config, build_backend(config, model, meta, concurrent=False), meta)
         context = ray.get_runtime_context()
         self.node, self.actor = context.get_node_id(), context.get_actor_id()
 

@@ -96,10 +96,13 @@ def build_backend(config: Config, model: Any, meta: Any, *, concurrent: bool = T
                           onnx_path=onnx_path)
 
 
-def build_inference(config: Config, backend: Any) -> InferenceWorker:
-    """The batching worker around ``backend`` with ``pipeline.batch_size``/``batch_timeout_ms``."""
+def build_inference(config: Config, backend: Any, meta: Any = None) -> InferenceWorker:
+    """The batching worker around ``backend`` with ``pipeline.batch_size``/``batch_timeout_ms``; with
+    the checkpoint's ``meta``, a contact class is taken out of the label maps (see
+    :mod:`app.pipeline.inference`)."""
     return InferenceWorker(backend, batch_size=config.pipeline.batch_size,
-                           batch_timeout_ms=config.pipeline.batch_timeout_ms, warmup_iters=config.model.warmup_iters)
+                           batch_timeout_ms=config.pipeline.batch_timeout_ms, warmup_iters=config.model.warmup_iters,
+                           contact_class=getattr(meta, "contact_class", None))
 
 
 def build_renderer(config: Config, palette: Any) -> OverlayRenderer:
@@ -125,7 +128,7 @@ def build_readout(config: Config, meta: Any, source: Any) -> ReadOut | None:
     elif stated is not None and optics.pixel_size_from_file:
         log.warning("ignoring the pixel size %.4g µm that %s states (outside %g-%g µm): using optics.pixel_size_um",
                     stated, info.uri, *FILE_PIXEL_SIZE_UM)
-    return ReadOut(optics, config.objects, classes=range(1, meta.num_classes),
+    return ReadOut(optics, config.objects, classes=range(1, meta.num_labels),
                    fps=None if info.live else (info.fps or config.source.fps), pixel_size_origin=origin)
 
 
@@ -151,8 +154,8 @@ def build_stages(config: Config, *, realtime: bool = True, num_classes: int | No
             backend = build_backend(config, model, meta)
         preprocessor = build_preprocessor(config, meta)
         place_hologram_stage(preprocessor, backend)
-        stages = Stages(source, preprocessor, build_inference(config, backend), build_renderer(config, meta.palette),
-                        open_sinks(config.output, meta.class_names), meta, build_readout(config, meta, source))
+        stages = Stages(source, preprocessor, build_inference(config, backend, meta), build_renderer(config, meta.palette),
+                        open_sinks(config.output, meta.label_names), meta, build_readout(config, meta, source))
     except BaseException:
         source.close()
         raise

@@ -59,7 +59,9 @@ class Frame:
     ``display``: what the overlay draws on instead of ``image`` when set (H×W uint8, the same size),
     e.g. the quantitative phase of a hologram, attached by the preprocessing stage. ``phase``: the
     hologram's wrapped phase (H×W float32 rad), attached by the preprocessing stage when the object
-    read-out measures dry mass (:mod:`app.pipeline.readout`)."""
+    read-out measures dry mass (:mod:`app.pipeline.readout`). ``contacts``: the seams between
+    touching objects (H×W bool) that a model with a contact class drew, attached by the inference
+    stage (:mod:`app.pipeline.inference`); None for other models."""
 
     index: int
     timestamp: float
@@ -68,6 +70,7 @@ class Frame:
     display: np.ndarray | None = None
     name: str | None = None
     phase: np.ndarray | None = None
+    contacts: np.ndarray | None = None
 
     @property
     def stem(self) -> str:

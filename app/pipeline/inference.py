@@ -8,6 +8,12 @@ The pipeline hands the worker batches of up to ``batch_size`` frames (collected 
 first, so a batch never delays a frame by more than that). :class:`InferenceWorker` stacks consecutive
 frames of equal shape into one backend call, and resizes each label map (nearest neighbour) back to its
 frame's size when preprocessing resized it.
+
+A model whose last class is named :data:`CONTACT_CLASS` draws the seams between touching objects as
+that class (trained on the generator's instance maps, ``train.contact_px``). The worker hands on label
+maps without it: contact pixels are given to the first object class (class 1), so masks, overlays
+and statistics see objects as a two-class model draws them, and :meth:`InferenceWorker.predict_with_contacts`
+returns the seams beside them (H×W bool), for the object read-out to tell touching objects apart.
 """
 
 from __future__ import annotations
@@ -17,6 +23,21 @@ from typing import Protocol
 
 import cv2
 import numpy as np
+
+from models.checkpoint import CONTACT_CLASS  # noqa: F401  (re-exported: the pipeline's name for it)
+
+
+def split_contacts(labels: np.ndarray, contact_class: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(labels with the contact class given to class 1, H×W bool seams) for a raw label map; the map
+    as it is and None without a contact class."""
+    if contact_class is None:
+        return labels, None
+    seams = cv2.compare(labels, contact_class, cv2.CMP_EQ)
+    if not cv2.countNonZero(seams):
+        return labels, np.zeros(labels.shape, bool)
+    merged = labels.copy()
+    merged[seams > 0] = 1
+    return merged, seams.view(bool)
 
 
 class Backend(Protocol):
@@ -39,13 +60,14 @@ class InferenceWorker:
     """
 
     def __init__(self, backend: Backend, *, batch_size: int = 1, batch_timeout_ms: float = 5.0,
-                 warmup_iters: int = 2) -> None:
+                 warmup_iters: int = 2, contact_class: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.backend = backend
         self.batch_size = batch_size
         self.batch_timeout_ms = batch_timeout_ms
         self.warmup_iters = warmup_iters
+        self.contact_class = contact_class
         self._warm: set[tuple[int, ...]] = set()
 
     @property
@@ -62,7 +84,16 @@ class InferenceWorker:
         return True
 
     def predict(self, tensors: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Label maps (uint8, ``sizes[i]`` = (H, W) of frame i) for C×H×W float32 ``tensors``."""
+        """Label maps (uint8, ``sizes[i]`` = (H, W) of frame i) for C×H×W float32 ``tensors``; a
+        contact class is given to class 1 (see the module docstring)."""
+        return [labels for labels, _ in self.predict_with_contacts(tensors, sizes)]
+
+    def predict_with_contacts(self, tensors: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]
+                              ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(label map, seams between touching objects or None) per frame (see :func:`split_contacts`)."""
+        return [split_contacts(labels, self.contact_class) for labels in self._predict_raw(tensors, sizes)]
+
+    def _predict_raw(self, tensors: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         labels: list[np.ndarray] = []
         start = 0
         while start < len(tensors):

@@ -273,6 +273,45 @@ def _split_touching(labels: np.ndarray, component: int, contour: np.ndarray, box
     return count
 
 
+def _split_at_contacts(labels: np.ndarray, component: int, box: tuple[int, int, int, int], count: int,
+                       pieces: list[tuple[int, int, int, int, int]], min_area_px: int, seams: np.ndarray) -> int | None:
+    """Split a component of ``labels`` (in place) along the seams a model with a contact class drew
+    (``seams``: the box's H×W bool): the parts left once the seams are taken out are the objects'
+    cores, and every pixel of the component goes to the nearest core. Appends the pieces as
+    :func:`_split_touching` does and returns the new count; None (nothing appended) when the seams
+    leave fewer than two cores of ``min_area_px`` / 4 pixels."""
+    x, y, w, h = box
+    region = labels[y:y + h, x:x + w]
+    inside = (region == component).view(np.uint8)
+    cores = cv2.bitwise_and(inside, (~seams).view(np.uint8))
+    core_count, core_ids, stats, _ = cv2.connectedComponentsWithStats(cores, connectivity=4, ltype=cv2.CV_32S)
+    big = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= max(4, min_area_px // 4)) + 1
+    if len(big) < 2:
+        return None
+    # The nearest core of every pixel: one distance transform whose labels are the cores (its own
+    # numbering of the zero pixels' components, read back at a pixel of each core).
+    is_core = np.isin(core_ids, big)
+    _, nearest = cv2.distanceTransformWithLabels((~is_core).view(np.uint8), cv2.DIST_L2, 5,
+                                                 labelType=cv2.DIST_LABEL_CCOMP)
+    kept = 0
+    for core in big:
+        row, col = stats[core, cv2.CC_STAT_TOP], stats[core, cv2.CC_STAT_LEFT]
+        first = np.flatnonzero(core_ids[row] == core)[0]  # a pixel of this core on its top row
+        piece = ((nearest == nearest[row, first]) & (inside > 0)).view(np.uint8)
+        if cv2.countNonZero(piece) < min_area_px:
+            continue
+        new_id = component if not kept else count
+        if kept:
+            region[piece > 0] = count
+            count += 1
+        kept += 1
+        px, py, pw, ph = cv2.boundingRect(piece)
+        pieces.append((new_id, x + px, y + py, pw, ph))
+    if not kept:
+        pieces.append((component, x, y, w, h))
+    return count
+
+
 def _box_sums(mask: np.ndarray) -> tuple[float, float, float, float, float, float]:
     """Pixel count and the sums of x, y, x², x·y, y² over a binary mask (local box coordinates)."""
     m = cv2.moments(mask, binaryImage=True)
@@ -353,7 +392,8 @@ class ObjectMeasurer:
         counts = cv2.calcHist([labels], [0], None, [256], [0, 256]).ravel()
         return tuple(int(c) for c in np.flatnonzero(counts) if 0 < c < IGNORE_VALUE)
 
-    def __call__(self, labels: np.ndarray, phase: np.ndarray | None = None) -> FrameObjects:
+    def __call__(self, labels: np.ndarray, phase: np.ndarray | None = None,
+                 contacts: np.ndarray | None = None) -> FrameObjects:
         if not (isinstance(labels, np.ndarray) and labels.ndim == 2 and labels.dtype == np.uint8):
             raise ObjectsError("labels must be an H×W uint8 class map, got "
                                f"{getattr(labels, 'shape', type(labels).__name__)} {getattr(labels, 'dtype', '')}".rstrip())
@@ -363,6 +403,9 @@ class ObjectMeasurer:
                                    f"got {getattr(phase, 'shape', type(phase).__name__)}")
             if phase.dtype not in (np.float32, np.float64):
                 phase = phase.astype(np.float32)
+        if contacts is not None and getattr(contacts, "shape", None) != labels.shape:
+            raise ObjectsError(f"contact seams must match the label map {labels.shape}, "
+                               f"got {getattr(contacts, 'shape', type(contacts).__name__)}")
 
         components: np.ndarray | None = None
         offset = 0
@@ -385,7 +428,13 @@ class ObjectMeasurer:
                 component = int(class_components[first_y, first_x])
                 around = None if phase is None else self._phase_around(phase, class_components, component, (x, y, w, h))
                 first_piece = len(pieces)
-                if self.split and cv2.contourArea(contour) >= 2 * self.min_area_px:
+                split = None
+                if contacts is not None and class_id == 1:  # the model's seams (contact pixels went to class 1)
+                    split = _split_at_contacts(class_components, component, (x, y, w, h), count, pieces,
+                                               self.min_area_px, contacts[y:y + h, x:x + w])
+                if split is not None:
+                    count = split
+                elif self.split and cv2.contourArea(contour) >= 2 * self.min_area_px:
                     box_phase = None if around is None else around.inner(x, y, w, h)
                     count = _split_touching(class_components, component, contour, (x, y, w, h), count, pieces,
                                             self.min_area_px, box_phase)

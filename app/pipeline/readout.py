@@ -89,22 +89,22 @@ class ReadOut:
             return (frame.index - self._first_index) / self.fps
         return frame.timestamp - (self._t0 or 0.0)
 
-    def _measure(self, labels: np.ndarray, phase: np.ndarray | None) -> FrameObjects:
+    def _measure(self, labels: np.ndarray, phase: np.ndarray | None, contacts: np.ndarray | None) -> FrameObjects:
         if phase is None:
-            return self.measurer(labels)
+            return self.measurer(labels, contacts=contacts)
         if self.phase_sign is None:
-            objects = self.measurer(labels, phase)
+            objects = self.measurer(labels, phase, contacts=contacts)
             if not len(objects):
                 return objects
             self.phase_sign = phase_sign_of(objects)
             if self.phase_sign > 0:
                 return objects
-        return self.measurer(labels, phase if self.phase_sign > 0 else np.negative(phase))
+        return self.measurer(labels, phase if self.phase_sign > 0 else np.negative(phase), contacts=contacts)
 
     def __call__(self, frame: Frame, labels: np.ndarray) -> FrameReadout:
         time_s = self._time_s(frame)
         self._last = (frame.index - (self._first_index or 0), time_s)
-        objects = self._measure(labels, frame.phase)
+        objects = self._measure(labels, frame.phase, frame.contacts)
         if objects.dry_mass_pg is not None:
             self.masses_measured += len(objects)
             self.masses_negative += int(np.count_nonzero(objects.dry_mass_pg < 0))

@@ -303,9 +303,10 @@ class InferenceStage(Stage):
         self.warm.set()
 
     def process(self, items: list[Preprocessed]) -> list[Segmented]:
-        labels = self.worker.predict([item.tensor for item in items],
-                                     [item.frame.image.shape[:2] for item in items])
-        return [Segmented(item.frame, label_map) for item, label_map in zip(items, labels, strict=True)]
+        predicted = self.worker.predict_with_contacts([item.tensor for item in items],
+                                                      [item.frame.image.shape[:2] for item in items])
+        return [Segmented(item.frame if contacts is None else dataclasses.replace(item.frame, contacts=contacts),
+                          label_map) for item, (label_map, contacts) in zip(items, predicted, strict=True)]
 
 
 class OverlayStage(Stage):

@@ -17,7 +17,7 @@ import numpy as np
 from app.config import Config
 from app.errors import AppError
 from app.files import atomic_open
-from app.pipeline.inference import Backend, resize_labels
+from app.pipeline.inference import Backend, resize_labels, split_contacts
 from app.pipeline.preprocess import Preprocessor, PreprocessSettings
 from app.training.datasets import FolderFrames, find_samples
 from app.training.metrics import ConfusionMatrix, json_safe
@@ -97,8 +97,10 @@ def has_labels(path: Path) -> bool:
 class Evaluator:
     """Preprocess, predict and score frames one at a time (frames may differ in size)."""
 
-    def __init__(self, backend: Backend, settings: PreprocessSettings, num_classes: int) -> None:
+    def __init__(self, backend: Backend, settings: PreprocessSettings, num_classes: int,
+                 contact_class: int | None = None) -> None:
         self.backend = backend
+        self.contact_class = contact_class  # a model's contact class is scored as class 1
         self.settings = settings
         self.num_classes = num_classes
 
@@ -120,7 +122,7 @@ class Evaluator:
                 self.backend.warmup((1, *tensor.shape))
                 started += time.perf_counter() - paused
             labels = self.backend.predict(tensor[None])[0]
-            labels = resize_labels(labels, frame.image.shape[:2])
+            labels = split_contacts(resize_labels(labels, frame.image.shape[:2]), self.contact_class)[0]
             seconds += time.perf_counter() - started
             count += 1
             counts += np.bincount(labels.ravel(), minlength=self.num_classes)[: self.num_classes]

@@ -27,6 +27,7 @@ from app.errors import AppError, first_line
 from app.files import atomic_open
 from app.pipeline.backends.torch_backend import resolve_torch_device
 from app.pipeline.hologram import NUM_CHANNELS
+from app.pipeline.inference import CONTACT_CLASS
 from app.pipeline.preprocess import PreprocessSettings, recipe
 from app.training.datasets import (
     Augmentation,
@@ -41,7 +42,7 @@ from app.training.losses import build_loss, cascade_weights
 from app.training.metrics import ConfusionMatrix, json_safe
 from models import build_model, list_models, model_options, save_checkpoint
 from models.backbones import load_backbone_weights
-from models.checkpoint import atomic_save
+from models.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from models.losses import MultiOutputLoss
 
 STATE_FORMAT = "cellseg-train-state"
@@ -136,9 +137,13 @@ def build_datasets(cfg: Config, data: str | None) -> tuple[SegmentationDataset, 
     settings = preprocess_settings(cfg)
     if data is None:
         train_seeds, val_seeds = synthetic_seeds(cfg)
-        train_frames = SyntheticFrames(cfg.synth, train_seeds, endless=train.synthetic_endless)
-        val_frames = SyntheticFrames(cfg.synth, val_seeds) if val_seeds else None
+        contact = {"contact_px": train.contact_px, "contact_class": train.num_classes - 1}
+        train_frames = SyntheticFrames(cfg.synth, train_seeds, endless=train.synthetic_endless, **contact)
+        val_frames = SyntheticFrames(cfg.synth, val_seeds, **contact) if val_seeds else None
     else:
+        if train.contact_px:
+            raise TrainError("train.contact_px needs the generator's instance maps: use --synthetic "
+                             "(folders hold class masks only)")
         train_samples, val_samples = split_samples(find_samples(Path(data)), train.val_fraction, train.split,
                                                    train.seed)
         train_frames = FolderFrames(train_samples)
@@ -211,6 +216,11 @@ class Trainer:
             raise TrainError("epochs and batch_size must be >= 1, steps_per_epoch >= 0")
         if len(train.class_names) != train.num_classes:
             raise TrainError(f"{len(train.class_names)} class_names for num_classes={train.num_classes}")
+        if train.contact_px < 0:
+            raise TrainError(f"train.contact_px must be >= 0, got {train.contact_px}")
+        if train.contact_px and (train.num_classes < 3 or train.class_names[-1] != CONTACT_CLASS):
+            raise TrainError(f"train.contact_px needs a last class named '{CONTACT_CLASS}' after the object "
+                             f"classes (e.g. num_classes=3, class_names=[background,cell,{CONTACT_CLASS}])")
         if train.model not in list_models():
             raise TrainError(f"unknown model '{train.model}'; valid models: {', '.join(list_models())}")
         self.cfg = cfg
@@ -227,6 +237,8 @@ class Trainer:
                                  **self.options)
         if train.backbone_weights and load_backbone:
             load_backbone_weights(self.model.backbone, train.backbone_weights)
+        if train.init_weights and load_backbone:
+            init_from_checkpoint(self.model, train.init_weights)
         self.model = self.model.to(self.device)
         base_loss = build_loss(train.loss, class_weights=train.class_weights or None,
                                asl_gamma_pos=train.asl_gamma_pos, asl_gamma_neg=train.asl_gamma_neg,
@@ -418,6 +430,35 @@ class Trainer:
             setattr(trainer, key, state[key])
         _set_rng_state(state["rng"])
         return trainer
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
+    """Start ``model`` from the weights of a checkpoint of this project (fine-tuning), in place.
+
+    Every tensor of equal shape is copied. A classifier with more classes than the checkpoint's (its
+    output rows, dimension 0) keeps the checkpoint's rows and starts each new class as a copy of the
+    checkpoint's last class, so the model begins by predicting what it did (ties go to the old class)
+    and learns the new one from there. Another architecture or width -> :class:`TrainError`."""
+    try:
+        old, meta = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise TrainError(f"train.init_weights: {exc}") from None
+    own = model.state_dict()
+    given = old.state_dict()
+    if set(own) != set(given):
+        raise TrainError(f"train.init_weights: {path} is a {meta.arch} with other layers than the model trained here")
+    for name, tensor in given.items():
+        target = own[name]
+        if target.shape == tensor.shape:
+            target.copy_(tensor)
+        elif (target.dim() == tensor.dim() and target.shape[1:] == tensor.shape[1:]
+              and target.shape[0] > tensor.shape[0] == meta.num_classes):
+            target[: tensor.shape[0]].copy_(tensor)
+            target[tensor.shape[0]:].copy_(tensor[-1:].expand_as(target[tensor.shape[0]:]))
+        else:
+            raise TrainError(f"train.init_weights: {name} is {tuple(tensor.shape)} in {path}, "
+                             f"{tuple(target.shape)} here (another width or backbone?)")
+    model.load_state_dict(own)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

@@ -264,3 +264,26 @@ def test_overlapping_cells_are_split_along_their_phase_valley():
     own = [(left > right) & (labels > 0), (right >= left) & (labels > 0)]
     for k, truth in zip(left_first, own, strict=True):
         assert np.count_nonzero(objects.mask(int(k)) & truth) >= 0.85 * np.count_nonzero(truth)
+
+
+def test_contact_seams_split_touching_objects_that_shape_alone_would_not() -> None:
+    """Two overlapping discs make one nearly convex component (no waist to split at); a model's seam
+    between them gives two objects, each near its own disc's centre and area, with no pixel lost."""
+    labels = np.zeros((64, 96), np.uint8)
+    cv2.circle(labels, (36, 32), 14, 1, -1)
+    cv2.circle(labels, (56, 32), 14, 1, -1)
+    cv2.circle(labels, (85, 8), 4, 1, -1)  # alone: untouched by the seams
+    seams = np.zeros(labels.shape, bool)
+    seams[18:47, 44:49] = True
+    seams &= labels == 1
+    measurer = ObjectMeasurer(min_area_px=16, split=True)
+    assert len(measurer(labels)) == 2  # shape alone: the pair stays one object
+    found = measurer(labels, contacts=seams)
+    assert len(found) == 3
+    pair = np.flatnonzero(found.area_px > 200)
+    xs = sorted(found.centroid_xy[pair, 0])
+    assert xs[0] == pytest.approx(36, abs=3) and xs[1] == pytest.approx(56, abs=3)
+    assert int(found.area_px.sum()) == int((labels == 1).sum())
+    assert len(measurer(labels, contacts=np.zeros(labels.shape, bool))) == 2  # no seam: as before
+    with pytest.raises(ObjectsError, match="contact seams"):
+        measurer(labels, contacts=seams[:10])

@@ -248,3 +248,36 @@ def test_a_run_whose_objects_come_out_negative_says_the_sign_is_likely_wrong():
         frame, labels = disc_frame(index, [(30 + index, 30)], sign=-1.0)
         fixed(frame, labels)
     assert fixed.negative_fraction == 0.0 and fixed.sign_warning() is None
+
+
+class _SeamBackend:
+    """Two flat discs that overlap, with a model's seam (class 2) between them."""
+
+    name, device = "fake", "cpu"
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        labels = np.zeros((64, 96), np.uint8)
+        cv2.circle(labels, (36, 32), 14, 1, -1)
+        cv2.circle(labels, (56, 32), 14, 1, -1)
+        labels[18:47, 44:49][labels[18:47, 44:49] == 1] = 2
+        return labels[None].repeat(len(batch), 0)
+
+    def warmup(self, shape: tuple[int, ...], iters: int = 2) -> None:
+        pass
+
+
+def test_seams_of_a_contact_model_reach_the_readout_through_the_stages():
+    """The inference stage gives contact pixels to the cells and attaches the seams to the frame; the
+    read-out then measures two objects where the label map holds one component."""
+    from app.pipeline.inference import InferenceWorker
+    from app.pipeline.runner import InferenceStage, Preprocessed
+
+    frame = Frame(0, 0.0, np.zeros((64, 96), np.uint8), INFO, phase=np.zeros((64, 96), np.float32))
+    stage = InferenceStage(InferenceWorker(_SeamBackend(), contact_class=2))
+    (segmented,) = stage.process([Preprocessed(frame, np.zeros((3, 64, 96), np.float32))])
+    assert set(np.unique(segmented.labels)) == {0, 1}
+    assert segmented.frame.contacts is not None and segmented.frame.contacts.sum() > 0
+    readout = ReadOut(OPTICS, ObjectsConfig(), classes=[1], fps=10.0)
+    assert len(readout(segmented.frame, segmented.labels).objects) == 2
+    plain = ReadOut(OPTICS, ObjectsConfig(), classes=[1], fps=10.0)
+    assert len(plain(frame, segmented.labels).objects) == 1
