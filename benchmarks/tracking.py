@@ -6,7 +6,9 @@ missing with probability ``miss_probability`` (gaps for the linkers to close). F
 contender runs on the same frame in turn (interleaved, so a noisy machine slows them alike); medians
 and minima of per-frame times are reported. Contenders:
 
-- ``objects``: :class:`app.pipeline.objects.ObjectMeasurer` on the label map, without and with a phase image;
+- ``objects``: :class:`app.pipeline.objects.ObjectMeasurer` on the label map, without and with a phase image,
+  and as the read-out runs it (unwrap, split, background margin and ring), so that the read-out's time
+  splits into measurement and tracking;
 - ``ours``: :meth:`app.pipeline.tracking.Tracker.update` (overlap events + SciPy LAP linking), online,
   and the same with ``overlap_events=False`` (linking only, like the others);
 - ``trackpy Linker``: ``trackpy.linking.Linker.next_level`` on the centroids, online (links only);
@@ -154,8 +156,8 @@ def measure(objects: int = 50, frames: int = 100, size: int = 1024, max_link_dis
     tracker = Tracker(max_link_distance_px=max_link_distance_px, max_gap_frames=max_gap_frames)
     linker = Tracker(max_link_distance_px=max_link_distance_px, max_gap_frames=max_gap_frames, overlap_events=False)
     linker_class, laptrack_class = _trackpy(), _laptrack()
-    times: dict[str, list[float]] = {"objects": [], "objects + phase": [], "ours": [], "ours linking": [],
-                                     "read-out": []}
+    times: dict[str, list[float]] = {"objects": [], "objects + phase": [], "objects as run": [], "ours": [],
+                                     "ours linking": [], "read-out": []}
     online: dict[str, Callable[[np.ndarray, int], Any]] = {}
     if linker_class is not None:
         online["trackpy Linker"] = _TrackpyOnline(linker_class, max_link_distance_px, max_gap_frames)
@@ -177,6 +179,9 @@ def measure(objects: int = 50, frames: int = 100, size: int = 1024, max_link_dis
             start = time.perf_counter()
             measurer(labels, phase)
             times["objects + phase"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            readout.measurer(labels, phase)
+            times["objects as run"].append(time.perf_counter() - start)
             xy = found.centroid_xy
             start = time.perf_counter()
             readout(Frame(frame, frame / 25.0, labels, info, phase=phase), labels)
@@ -209,6 +214,8 @@ def measure(objects: int = 50, frames: int = 100, size: int = 1024, max_link_dis
                       "background ring, margin) and tracking"),
             _row("objects (ObjectMeasurer)", times["objects"], True),
             _row("objects + phase (ObjectMeasurer)", times["objects + phase"], True),
+            _row("objects as run (the read-out's ObjectMeasurer: unwrap, split, margin, ring)", times["objects as run"],
+                 True),
             _row("ours (Tracker.update: overlaps + SciPy LAP)", times["ours"], True, score["ours"]),
             _row("ours, linking only (overlap_events=False)", times["ours linking"], True)]
     if "trackpy Linker" in times:

@@ -11,7 +11,8 @@ Quantitative phase (Barer 1952; Popescu et al. 2008): a phase image φ (rad, bac
 optical path difference OPD = φ·λ/2π (µm), the mean thickness OPD/Δn (µm) for a refractive index
 difference Δn between cell and medium, and the dry mass m = Σ OPD · A_px / α (pg), with A_px the
 pixel area (µm²) and α the specific refraction increment (mL/g = µm³/pg; 0.19 for most proteins).
-The phase sign depends on the microscope (see :mod:`app.pipeline.hologram`): it is used as given.
+The phase sign depends on the microscope (see :mod:`app.pipeline.hologram`): it is used as given,
+times the ``phase_sign`` the caller passes.
 
 Background per object (as in DryMass and the QPI literature): the reference fit leaves aberrations,
 dust rings and a phase offset of its own that a sum over hundreds of pixels turns into a large mass
@@ -24,7 +25,11 @@ that the segmentation draws). Measured against the generator's truth on its own 
 Speed (1024², 50 objects, one core: see ``benchmarks/tracking.py``): OpenCV's ``connectedComponents``
 labels the pixels; the bounding boxes come from the components' outer contours (``findContours``,
 several times cheaper than ``connectedComponentsWithStats`` there); everything else is computed inside
-each object's box (``cv2.moments``, ``cv2.mean``), so no full-image pass is made per object.
+each object's box (``cv2.moments``, ``cv2.mean``), so no full-image pass is made per object. There the
+number of OpenCV calls is what costs (a few µs each, whatever the box), so each is made to count: a
+component's mask is made once for its unwrap check, shape and phase sum; an object alone in its
+padded box (the common case) takes the box less its grown mask as its ring, from closed-form box sums
+(:func:`alone_background_corrected_sum`); and the sign of the phase is applied box by box.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -89,7 +94,7 @@ class FrameObjects:
 
     def box_mask(self, index: int) -> tuple[tuple[slice, slice], np.ndarray]:
         """Object ``index`` inside its bounding box: the (rows, columns) slices and an h×w bool mask."""
-        x, y, w, h = (int(v) for v in self.bbox[index])
+        x, y, w, h = self.bbox[index].tolist()
         box = (slice(y, y + h), slice(x, x + w))
         return box, self.components[box] == self.component_id[index]
 
@@ -144,11 +149,13 @@ WRAP_RISK_RAD = 2.5
 
 
 def unwrap_in_box(box: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """The wrapped phase (rad) of one object's bounding box, unwrapped when it comes near ±π inside the
-    object: the wrapped differences between neighbours are summed along rows and along columns from the
-    box's edge (where an object's phase is small) and the two integrals averaged. A cell's phase is
-    smooth, so neighbouring pixels differ by far less than π and the sum is the true phase."""
-    if float(np.abs(box[inside.view(bool)]).max(initial=0.0)) < WRAP_RISK_RAD:
+    """The wrapped phase (rad) of one object's bounding box (h×w float; ``inside``: h×w 0/1 uint8 or
+    bool), unwrapped when it comes near ±π inside the object: the wrapped differences between
+    neighbours are summed along rows and along columns from the box's edge (where an object's phase is
+    small) and the two integrals averaged. A cell's phase is smooth, so neighbouring pixels differ by
+    far less than π and the sum is the true phase."""
+    low, high = cv2.minMaxLoc(box, inside.view(np.uint8))[:2]  # one call, no copy of the object's pixels
+    if max(-low, high) < WRAP_RISK_RAD:
         return box
     box = box.astype(np.float32, copy=False)
     two_pi = np.float32(2.0 * math.pi)
@@ -234,28 +241,26 @@ def _phase_basins(inside: np.ndarray, phase: np.ndarray) -> tuple[np.ndarray | N
     return markers, count - 1
 
 
-def _split_touching(labels: np.ndarray, component: int, contour: np.ndarray, box: tuple[int, int, int, int],
-                    count: int, pieces: list[tuple[int, int, int, int, int]], min_area_px: int,
-                    phase: np.ndarray | None = None) -> int:
+def _split_touching(labels: np.ndarray, component: int, contour: np.ndarray, contour_area: float,
+                    box: tuple[int, int, int, int], count: int, pieces: list[tuple[int, int, int, int, int]],
+                    min_area_px: int, phase: np.ndarray | None = None) -> int | None:
     """Split a concave component of ``labels`` (in place) into the touching objects it holds. With
     ``phase`` (the box's, cells positive) each prominent phase peak is a cell and the phase's watershed
     draws the borders between them; without, the seeds are the cores far from the border (distance
-    transform) and each pixel goes to the nearest core.
+    transform) and each pixel goes to the nearest core. ``contour_area``: ``cv2.contourArea(contour)``.
     Appends ``(component, x, y, w, h)`` for each piece (the first keeps the id, the others get ``count``,
     ``count + 1``, ...) and returns the new count. A convex component, or one with a single core or
-    peak, is left whole."""
+    peak, is left whole: None, nothing appended."""
     x, y, w, h = box
     hull = cv2.contourArea(cv2.convexHull(contour))
     solidity = SPLIT_SOLIDITY if phase is None else SPLIT_SOLIDITY_WITH_PHASE
-    if hull <= 0 or cv2.contourArea(contour) >= solidity * hull:
-        pieces.append((component, x, y, w, h))
-        return count
+    if hull <= 0 or contour_area >= solidity * hull:
+        return None
     region = labels[y:y + h, x:x + w]
     inside = (region == component).view(np.uint8)
     owner, cores = _nearest_cores(inside) if phase is None else _phase_basins(inside, phase)
     if owner is None:
-        pieces.append((component, x, y, w, h))
-        return count
+        return None
     kept = 0
     for core in range(1, cores + 1):
         piece = ((owner == core) & (inside > 0)).view(np.uint8)
@@ -273,31 +278,48 @@ def _split_touching(labels: np.ndarray, component: int, contour: np.ndarray, box
     return count
 
 
+SEAM_PEAK_PX = 2.0
+"""With a model's seams, a core of the distance map counts as an object of its own when it rises
+this many pixels above the saddle to any larger one (mask noise makes smaller bumps)."""
+SEAM_CORE_PX = 3.0
+"""... and when it lies at least this far from the border and the seams (an object's core, not a sliver)."""
+
+
 def _split_at_contacts(labels: np.ndarray, component: int, box: tuple[int, int, int, int], count: int,
                        pieces: list[tuple[int, int, int, int, int]], min_area_px: int, seams: np.ndarray) -> int | None:
-    """Split a component of ``labels`` (in place) along the seams a model with a contact class drew
-    (``seams``: the box's H×W bool): the parts left once the seams are taken out are the objects'
-    cores, and every pixel of the component goes to the nearest core. Appends the pieces as
-    :func:`_split_touching` does and returns the new count; None (nothing appended) when the seams
-    leave fewer than two cores of ``min_area_px`` / 4 pixels."""
+    """Split a component of ``labels`` (in place) at the seams a model with a contact class drew
+    (``seams``: the box's h×w bool). The model draws a seam where objects touch, but often as a blob
+    in the overlap that does not cut the component through; so the seams count as border, and the
+    peaks of the distance to the border (h-maxima, :data:`SEAM_PEAK_PX`) are the objects' cores,
+    and every pixel of the component goes to the nearest core. Appends the pieces as
+    :func:`_split_touching` does and returns the new count; None (nothing appended) for a component
+    without seams or with a single core (it is left whole)."""
     x, y, w, h = box
     region = labels[y:y + h, x:x + w]
     inside = (region == component).view(np.uint8)
-    cores = cv2.bitwise_and(inside, (~seams).view(np.uint8))
-    core_count, core_ids, stats, _ = cv2.connectedComponentsWithStats(cores, connectivity=4, ltype=cv2.CV_32S)
-    big = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= max(4, min_area_px // 4)) + 1
-    if len(big) < 2:
+    seam = cv2.bitwise_and(inside, seams.view(np.uint8))
+    if not cv2.countNonZero(seam):
         return None
-    # The nearest core of every pixel: one distance transform whose labels are the cores (its own
-    # numbering of the zero pixels' components, read back at a pixel of each core).
-    is_core = np.isin(core_ids, big)
-    _, nearest = cv2.distanceTransformWithLabels((~is_core).view(np.uint8), cv2.DIST_L2, 5,
+    cores = cv2.subtract(inside, seam)
+    distance = cv2.distanceTransform(cv2.copyMakeBorder(cores, 1, 1, 1, 1, cv2.BORDER_CONSTANT, 0),
+                                     cv2.DIST_L2, 3)[1:-1, 1:-1]
+    if float(distance.max()) < SEAM_CORE_PX:
+        return None
+    peaks = cv2.bitwise_and(prominent_peaks(distance, SEAM_PEAK_PX),
+                            cv2.compare(distance, SEAM_CORE_PX, cv2.CMP_GE) // 255)
+    marker_count, markers = cv2.connectedComponents(peaks, connectivity=8, ltype=cv2.CV_32S)
+    if marker_count <= 2:
+        return None
+    # Every pixel goes to the nearest core: one distance transform labelled by the cores (its own
+    # numbering of its zero pixels' components, mapped back to ours through each core's pixels).
+    _, nearest = cv2.distanceTransformWithLabels((peaks == 0).view(np.uint8), cv2.DIST_L2, 5,
                                                  labelType=cv2.DIST_LABEL_CCOMP)
+    owner = np.zeros(int(nearest.max()) + 1, np.int32)
+    owner[nearest[markers > 0]] = markers[markers > 0]
+    markers = owner[nearest]
     kept = 0
-    for core in big:
-        row, col = stats[core, cv2.CC_STAT_TOP], stats[core, cv2.CC_STAT_LEFT]
-        first = np.flatnonzero(core_ids[row] == core)[0]  # a pixel of this core on its top row
-        piece = ((nearest == nearest[row, first]) & (inside > 0)).view(np.uint8)
+    for core in range(1, marker_count):
+        piece = ((markers == core) & (inside > 0)).view(np.uint8)
         if cv2.countNonZero(piece) < min_area_px:
             continue
         new_id = component if not kept else count
@@ -312,50 +334,118 @@ def _split_at_contacts(labels: np.ndarray, component: int, box: tuple[int, int, 
     return count
 
 
-def _box_sums(mask: np.ndarray) -> tuple[float, float, float, float, float, float]:
-    """Pixel count and the sums of x, y, x², x·y, y² over a binary mask (local box coordinates)."""
-    m = cv2.moments(mask, binaryImage=True)
-    return m["m00"], m["m10"], m["m01"], m["m20"], m["m11"], m["m02"]
+def masked_sum(values: np.ndarray, mask: np.ndarray, count: float) -> float:
+    """Σ of ``values`` (h×w float) over ``mask`` (h×w uint8, ``count`` nonzero pixels): OpenCV's masked
+    mean (accumulated in double) times the count, one call instead of a product image and its sum."""
+    return cv2.mean(values, mask)[0] * count
 
 
-def background_corrected_sum(phase: np.ndarray, region: np.ndarray, ring: np.ndarray) -> float:
-    """Σ over ``region`` of (phase − the plane fitted to the phase on ``ring``), for one object's box
-    (h×w float phase, h×w uint8 masks). The least-squares plane comes from the masks' moments, so no
-    plane image is built. Fewer than 12 ring pixels: the phase is taken as is (no background known);
-    a degenerate ring (a line): its mean is the offset."""
-    count, sx, sy, sxx, sxy, syy = _box_sums(ring)
-    region_count, rx, ry = _box_sums(region)[:3]
-    region_sum = float(cv2.sumElems(cv2.multiply(phase, region, dtype=cv2.CV_64F))[0])
-    if count < 12:
-        return region_sum
-    weighted = cv2.moments(cv2.multiply(phase, ring, dtype=cv2.CV_32F))
-    target = np.array([weighted["m00"], weighted["m10"], weighted["m01"]])
+RING_MIN_PX = 12
+"""A background ring of fewer pixels gives no plane: the object's phase is summed as it is."""
+
+
+def _moment_sums(moments: dict[str, float]) -> tuple[float, float, float, float, float, float]:
+    """Pixel count and the sums of x, y, x², x·y, y² of a 0/1 mask from its raw moments (OpenCV's
+    plain path gives them exactly, and faster than ``binaryImage=True``, which thresholds a copy first)."""
+    return moments["m00"], moments["m10"], moments["m01"], moments["m20"], moments["m11"], moments["m02"]
+
+
+def _plane_corrected_sum(region_sum: float, region: tuple[float, ...], ring: tuple[float, ...],
+                         ring_phase: tuple[float, float, float]) -> float:
+    """``region_sum`` less the least-squares plane of the ring's phase, summed over the region.
+    ``region``: the region's pixel count and sums of x, y; ``ring``: the ring's count and sums of x, y,
+    x², x·y, y² (at least :data:`RING_MIN_PX` pixels); ``ring_phase``: Σφ, Σxφ, Σyφ over the ring."""
+    count, sx, sy, sxx, sxy, syy = ring
+    total, total_x, total_y = ring_phase
+    region_count, rx, ry = region[:3]
     # The plane about the ring's centroid: its tilt from the centred second moments, so a thin ring
     # (a line: no tilt across it) is detected by its determinant alone.
     mx, my = sx / count, sy / count
     vxx, vxy, vyy = sxx - sx * mx, sxy - sx * my, syy - sy * my
     determinant = vxx * vyy - vxy * vxy
-    offset = target[0] / count
+    offset = total / count
     if determinant <= 1e-9 * max(vxx * vyy, 1e-30):
         return region_sum - region_count * offset
-    cx, cy = target[1] - mx * target[0], target[2] - my * target[0]
+    cx, cy = total_x - mx * total, total_y - my * total
     b = (cx * vyy - cy * vxy) / determinant
     c = (cy * vxx - cx * vxy) / determinant
     a = offset - b * mx - c * my
     return region_sum - (a * region_count + b * rx + c * ry)
 
 
-@dataclass(frozen=True, eq=False)
-class _PhaseAround:
-    """The (unwrapped) phase of a component's padded box, whose top-left pixel is (``top``, ``left``)."""
+def background_corrected_sum(phase: np.ndarray, region: np.ndarray, ring: np.ndarray) -> float:
+    """Σ over ``region`` of (phase − the plane fitted to the phase on ``ring``), for one object's box
+    (h×w float phase, h×w 0/1 uint8 masks). The least-squares plane comes from the masks' moments, so no
+    plane image is built. Fewer than :data:`RING_MIN_PX` ring pixels: the phase is taken as is (no
+    background known); a degenerate ring (a line): its mean is the offset."""
+    ring_sums, region_sums = _moment_sums(cv2.moments(ring)), _moment_sums(cv2.moments(region))
+    region_sum = masked_sum(phase, region, region_sums[0])
+    if ring_sums[0] < RING_MIN_PX:
+        return region_sum
+    weighted = cv2.moments(cv2.multiply(phase, ring, dtype=cv2.CV_32F))
+    return _plane_corrected_sum(region_sum, region_sums, ring_sums, (weighted["m00"], weighted["m10"], weighted["m01"]))
+
+
+def _box_sums(height: int, width: int) -> tuple[int, int, int, int, int, int]:
+    """Pixel count and the sums of x, y, x², x·y, y² over a whole height×width box (local coordinates)."""
+    sum_x, sum_y = width * (width - 1) // 2, height * (height - 1) // 2
+    sum_xx, sum_yy = (width - 1) * width * (2 * width - 1) // 6, (height - 1) * height * (2 * height - 1) // 6
+    return height * width, height * sum_x, width * sum_y, height * sum_xx, sum_x * sum_y, width * sum_yy
+
+
+def alone_background_corrected_sum(phase: np.ndarray, grown: np.ndarray) -> float:
+    """:func:`background_corrected_sum` of an object alone in its box (no other object's pixel there):
+    its region is the grown object ``grown`` (h×w 0/1 uint8) and its ring the rest of the box, so the
+    ring's sums are the box's less the region's, and the region's phase the box's less the ring's:
+    no ring is eroded, no masks are combined, one moments call fewer."""
+    height, width = grown.shape
+    region_sums = _moment_sums(cv2.moments(grown))
+    count, sx, sy, sxx, sxy, syy = _box_sums(height, width)
+    ring_sums = (count - region_sums[0], sx - region_sums[1], sy - region_sums[2], sxx - region_sums[3],
+                 sxy - region_sums[4], syy - region_sums[5])
+    if ring_sums[0] < RING_MIN_PX:
+        return masked_sum(phase, grown, region_sums[0])
+    on_ring = cv2.moments(cv2.multiply(phase, np.subtract(1, grown), dtype=cv2.CV_32F))
+    region_sum = cv2.sumElems(phase)[0] - on_ring["m00"]  # the box's phase less the ring's
+    return _plane_corrected_sum(region_sum, region_sums, ring_sums, (on_ring["m00"], on_ring["m10"], on_ring["m01"]))
+
+
+class _PhaseAround(NamedTuple):
+    """A component's padded box, whose top-left pixel is (``top``, ``left``): its (unwrapped, sign
+    applied) phase ``values`` and the component's 0/1 ``inside`` mask there, as found before any split
+    (so the mask of a component left whole is made once, for its unwrap check, shape and phase sum)."""
 
     top: int
     left: int
     values: np.ndarray
+    inside: np.ndarray
 
     def inner(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """The part over the box ``x, y, w, h`` (inside the padded one)."""
+        """The phase over the box ``x, y, w, h`` (inside the padded one)."""
         return self.values[y - self.top:y - self.top + h, x - self.left:x - self.left + w]
+
+
+class _Background:
+    """Where one class's objects find background for their margin and ring, box by box. ``free``: the
+    frame's 0/1 background mask, when other classes or ignored pixels share the frame; None when the
+    class's pixels are all the frame's objects: then its component image (``components``, 0 off the
+    class) says the same, and is read in a box that the object's own mask has just brought to cache."""
+
+    def __init__(self, components: np.ndarray, free: np.ndarray | None) -> None:
+        self.components, self.free = components, free
+
+    def occupied(self, rows: slice, cols: slice) -> int:
+        """Pixels of the box that belong to some object (any class's, or ignored)."""
+        if self.free is None:
+            return cv2.countNonZero(self.components[rows, cols])
+        free = self.free[rows, cols]
+        return free.size - cv2.countNonZero(free)
+
+    def mask(self, rows: slice, cols: slice) -> np.ndarray:
+        """The box's 0/1 background mask."""
+        if self.free is None:
+            return (self.components[rows, cols] == 0).view(np.uint8)
+        return self.free[rows, cols]
 
 
 class ObjectMeasurer:
@@ -376,6 +466,7 @@ class ObjectMeasurer:
             raise ObjectsError(f"margin_px and ring_px must be >= 0, got {margin_px} and {ring_px}")
         self.margin_px = int(margin_px)
         self.ring_px = int(ring_px)
+        self._pad = self.margin_px + self.ring_px
         # A square margin: OpenCV dilates by a rectangle in two 1-D passes, 5-10× faster than by a disc.
         self._grow = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * self.margin_px + 1,) * 2)
         if classes is not None and any(not 0 < int(c) < IGNORE_VALUE for c in classes):
@@ -393,7 +484,9 @@ class ObjectMeasurer:
         return tuple(int(c) for c in np.flatnonzero(counts) if 0 < c < IGNORE_VALUE)
 
     def __call__(self, labels: np.ndarray, phase: np.ndarray | None = None,
-                 contacts: np.ndarray | None = None) -> FrameObjects:
+                 contacts: np.ndarray | None = None, phase_sign: float = 1.0) -> FrameObjects:
+        """Measure one frame. ``phase_sign`` (±1) multiplies the phase; it is applied box by box, so a
+        microscope whose cells come out negative costs no pass over the whole phase image."""
         if not (isinstance(labels, np.ndarray) and labels.ndim == 2 and labels.dtype == np.uint8):
             raise ObjectsError("labels must be an H×W uint8 class map, got "
                                f"{getattr(labels, 'shape', type(labels).__name__)} {getattr(labels, 'dtype', '')}".rstrip())
@@ -406,94 +499,133 @@ class ObjectMeasurer:
         if contacts is not None and getattr(contacts, "shape", None) != labels.shape:
             raise ObjectsError(f"contact seams must match the label map {labels.shape}, "
                                f"got {getattr(contacts, 'shape', type(contacts).__name__)}")
+        if phase_sign not in (1, -1):
+            raise ObjectsError(f"phase_sign must be 1 or -1, got {phase_sign!r}")
+        with_background = phase is not None and self._pad > 0  # each object's margin and ring need it
+        occupied = cv2.countNonZero(labels) if with_background else 0
+        free: np.ndarray | None = None
 
         components: np.ndarray | None = None
         offset = 0
         rows: list[tuple[float, ...]] = []  # component, class, x, y, w, h, area, cx, cy, mu20, mu02, mu11, mean phase
         for class_id in self._present_classes(labels):
             mask = cv2.compare(labels, class_id, cv2.CMP_EQ)
-            if not cv2.countNonZero(mask):
+            class_pixels = cv2.countNonZero(mask)
+            if not class_pixels:
                 continue
             count, class_components = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
             contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-            pieces: list[tuple[int, int, int, int, int]] = []  # component, x, y, w, h
-            phase_of: dict[int, _PhaseAround | None] = {}
-            for contour, (_, _, _, parent) in zip(contours, hierarchy[0], strict=True):
+            background = None
+            if with_background:
+                shared = class_pixels < occupied  # other classes (or ignored pixels) in the frame too
+                if shared and free is None:
+                    free = (labels == 0).view(np.uint8)
+                background = _Background(class_components, free if shared else None)
+            for contour, parent in zip(contours, hierarchy[0, :, 3].tolist(), strict=True):
                 if parent != -1:  # the border of a hole, not of a component
                     continue
-                x, y, w, h = cv2.boundingRect(contour)
+                x, y, w, h = box = cv2.boundingRect(contour)
                 if w * h < self.min_area_px:
                     continue
-                first_x, first_y = contour[0, 0]
+                first_x, first_y = contour[0, 0].tolist()
                 component = int(class_components[first_y, first_x])
-                around = None if phase is None else self._phase_around(phase, class_components, component, (x, y, w, h))
-                first_piece = len(pieces)
+                around = None if phase is None else self._phase_around(phase, class_components, component, box,
+                                                                       phase_sign)
+                pieces: list[tuple[int, int, int, int, int]] = []  # component, x, y, w, h
                 split = None
                 if contacts is not None and class_id == 1:  # the model's seams (contact pixels went to class 1)
-                    split = _split_at_contacts(class_components, component, (x, y, w, h), count, pieces,
+                    split = _split_at_contacts(class_components, component, box, count, pieces,
                                                self.min_area_px, contacts[y:y + h, x:x + w])
-                if split is not None:
-                    count = split
-                elif self.split and cv2.contourArea(contour) >= 2 * self.min_area_px:
+                if split is None and self.split and (area := cv2.contourArea(contour)) >= 2 * self.min_area_px:
                     box_phase = None if around is None else around.inner(x, y, w, h)
-                    count = _split_touching(class_components, component, contour, (x, y, w, h), count, pieces,
+                    split = _split_touching(class_components, component, contour, area, box, count, pieces,
                                             self.min_area_px, box_phase)
-                else:
+                if split is None:  # left whole: the mask found for its phase is its own
                     pieces.append((component, x, y, w, h))
-                for piece in pieces[first_piece:]:  # the pieces of a split share their component's phase
-                    phase_of[piece[0]] = around
+                    inside = None if around is None else around.inside
+                else:  # the pieces share their component's phase; each finds its own mask
+                    count, inside = split, None
+                for piece in pieces:
+                    row = self._measure(class_components, piece[0], piece[1:], around, inside, background)
+                    if row is not None:
+                        rows.append((piece[0] + offset, class_id, *row))
             if components is None:
                 components = class_components
             else:  # disjoint classes share one image, each class's ids after the previous class's
                 cv2.add(class_components, offset, dst=components, mask=mask)
-            for component, x, y, w, h in pieces:
-                # NumPy's ==, not cv2.compare: OpenCV reads an array of up to 4 values as a scalar
-                inside = (class_components[y:y + h, x:x + w] == component).view(np.uint8)
-                moments = cv2.moments(inside, binaryImage=True)
-                area = moments["m00"]
-                if area < self.min_area_px:
-                    continue
-                mean_phase = 0.0
-                around = phase_of.get(component)
-                if around is not None:
-                    mean_phase = self._phase_sum(around, labels, class_components, component, (x, y, w, h)) / area
-                rows.append((component + offset, class_id, x, y, w, h, area, x + moments["m10"] / area,
-                             y + moments["m01"] / area, moments["mu20"], moments["mu02"], moments["mu11"],
-                             mean_phase))
             offset += count - 1
         if components is None:
             components = np.zeros(labels.shape, np.int32)
         return self._objects(components, offset, rows, phase is not None)
 
-    def _padded(self, box: tuple[int, int, int, int], shape: tuple[int, ...]) -> tuple[slice, slice]:
+    def _padded(self, box: Sequence[int], shape: tuple[int, ...]) -> tuple[slice, slice]:
         x, y, w, h = box
-        pad = self.margin_px + self.ring_px
+        pad = self._pad
         return (slice(max(y - pad, 0), min(y + h + pad, shape[0])), slice(max(x - pad, 0), min(x + w + pad, shape[1])))
 
     def _phase_around(self, phase: np.ndarray, components: np.ndarray, component: int,
-                      box: tuple[int, int, int, int]) -> _PhaseAround:
-        """A component's phase over its box grown by the margin and ring, unwrapped once (when it
-        nears ±π) for its split and for each of its pieces' sums."""
+                      box: Sequence[int], phase_sign: float) -> _PhaseAround:
+        """A component's phase over its box grown by the margin and ring, with the sign applied and
+        unwrapped once (when it nears ±π) for its split and for each of its pieces' sums."""
         rows, cols = self._padded(box, phase.shape)
         values = phase[rows, cols]
-        if self.unwrap:
-            values = unwrap_in_box(values, (components[rows, cols] == component).view(np.uint8))
-        return _PhaseAround(rows.start, cols.start, values)
-
-    def _phase_sum(self, around: _PhaseAround, labels: np.ndarray, components: np.ndarray, component: int,
-                   box: tuple[int, int, int, int]) -> float:
-        """One object's phase sum (rad·px) over the object grown by ``margin_px``, against the plane
-        of the background ring around it (see the module's docstring)."""
-        pad = self.margin_px + self.ring_px
-        rows, cols = self._padded(box, labels.shape)
+        if phase_sign < 0:
+            values = np.negative(values)
         inside = (components[rows, cols] == component).view(np.uint8)
-        values = around.values[rows.start - around.top:rows.stop - around.top,
-                               cols.start - around.left:cols.stop - around.left]
-        if not pad:
-            return float(cv2.sumElems(cv2.multiply(values, inside, dtype=cv2.CV_64F))[0])
-        occupied = (labels[rows, cols] != 0).view(np.uint8)
-        region = cv2.subtract(cv2.dilate(inside, self._grow), cv2.subtract(occupied, inside))  # not a neighbour's
-        ring = (cv2.dilate(occupied, self._grow) == 0).view(np.uint8) if self.ring_px else np.zeros_like(inside)
+        if self.unwrap:
+            values = unwrap_in_box(values, inside)
+        return _PhaseAround(rows.start, cols.start, values, inside)
+
+    def _measure(self, components: np.ndarray, component: int, box: Sequence[int], around: _PhaseAround | None,
+                 inside: np.ndarray | None, background: _Background | None) -> tuple[float, ...] | None:
+        """One object's ``x, y, w, h, area, cx, cy, mu20, mu02, mu11, mean phase``, None when smaller than
+        ``min_area_px``. ``inside``: its 0/1 mask over ``around``'s padded box when known (None: made here)."""
+        x, y, w, h = box
+        if around is None:
+            # NumPy's ==, not cv2.compare: OpenCV reads an array of up to 4 values as a scalar. Plain
+            # moments of the 0/1 mask: see _moment_sums.
+            moments = cv2.moments((components[y:y + h, x:x + w] == component).view(np.uint8))
+        else:
+            if inside is None:
+                rows, cols = self._padded(box, components.shape)
+                top, left = rows.start, cols.start
+                inside = (components[rows, cols] == component).view(np.uint8)
+                values = around.values[top - around.top:rows.stop - around.top, left - around.left:cols.stop - around.left]
+            else:
+                top, left, values = around.top, around.left, around.values
+            moments = cv2.moments(inside[y - top:y - top + h, x - left:x - left + w])
+        area = moments["m00"]
+        if area < self.min_area_px:
+            return None
+        mean_phase = 0.0
+        if around is not None:
+            height, width = inside.shape
+            rows, cols = slice(top, top + height), slice(left, left + width)
+            mean_phase = self._phase_sum(values, inside, area, background, rows, cols) / area
+        return (x, y, w, h, area, x + moments["m10"] / area, y + moments["m01"] / area, moments["mu20"],
+                moments["mu02"], moments["mu11"], mean_phase)
+
+    def _phase_sum(self, values: np.ndarray, inside: np.ndarray, area: float, background: _Background | None,
+                   rows: slice, cols: slice) -> float:
+        """One object's phase sum (rad·px) over the object grown by ``margin_px``, against the plane
+        of the background ring around it (see the module's docstring). ``values``, ``inside``: its
+        phase and 0/1 mask over its padded box (``rows``, ``cols`` of the frame); ``area``: its pixel
+        count; ``background``: its class's (None without margin and ring)."""
+        if background is None:
+            return masked_sum(values, inside, area)
+        grown = cv2.dilate(inside, self._grow)
+        if background.occupied(rows, cols) == area:  # alone in its box: no neighbour to leave out
+            if not self.ring_px:
+                return masked_sum(values, grown, cv2.countNonZero(grown))
+            return alone_background_corrected_sum(values, grown)
+        # The grown object less its neighbours' pixels: grown ∩ (background ∪ itself).
+        free = background.mask(rows, cols)
+        region = cv2.bitwise_or(cv2.bitwise_and(grown, free), inside)
+        if not self.ring_px:
+            return masked_sum(values, region, cv2.countNonZero(region))
+        # Background at least margin_px from every object in the box (the box's edge bounds the window,
+        # as OpenCV's default border does for a dilation of the objects).
+        ring = cv2.erode(free, self._grow)
         return background_corrected_sum(values, region, ring)
 
     def _objects(self, components: np.ndarray, component_count: int, rows: list[tuple[float, ...]],

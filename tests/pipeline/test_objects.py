@@ -11,7 +11,16 @@ import pytest
 from app.config import ConfigError, load_config
 from app.config import OpticsConfig as Optics
 from app.errors import AppError
-from app.pipeline.objects import FrameObjects, ObjectMeasurer, ObjectsError, prominent_peaks
+from app.pipeline.objects import (
+    IGNORE_VALUE,
+    PHASE_FIELDS,
+    FrameObjects,
+    ObjectMeasurer,
+    ObjectsError,
+    alone_background_corrected_sum,
+    background_corrected_sum,
+    prominent_peaks,
+)
 
 measure = pytest.importorskip("skimage.measure")
 
@@ -235,6 +244,82 @@ def test_a_neighbours_pixels_are_neither_summed_nor_taken_for_background():
     assert sums == pytest.approx(sorted([float(left.sum()), float(right.sum())]), rel=0.01)
 
 
+def reference_phase_sums(labels: np.ndarray, phase: np.ndarray, objects: FrameObjects, margin_px: int,
+                         ring_px: int) -> np.ndarray:
+    """The documented phase sum the slow way, object by object, in its box grown by margin + ring: the
+    object grown by a (2·margin+1)² square less other objects' pixels, against the least-squares plane
+    of the ring (the box's pixels with no labelled pixel of the box within ``margin_px``)."""
+    from scipy import ndimage
+
+    square = np.ones((2 * margin_px + 1,) * 2, bool)
+    pad = margin_px + ring_px
+    sums = []
+    for k in range(len(objects)):
+        x, y, w, h = objects.bbox[k].tolist()
+        box = (slice(max(y - pad, 0), y + h + pad), slice(max(x - pad, 0), x + w + pad))
+        inside, occupied, values = objects.mask(k)[box], labels[box] != 0, phase[box].astype(np.float64)
+        region = ndimage.binary_dilation(inside, square) & (inside | ~occupied)
+        ring = ~ndimage.binary_dilation(occupied, square) if ring_px else np.zeros_like(inside)
+        if ring.sum() < 12:
+            sums.append(float(values[region].sum()))
+            continue
+        ring_y, ring_x = np.nonzero(ring)
+        a, b, c = np.linalg.lstsq(np.column_stack([np.ones(len(ring_x)), ring_x, ring_y]), values[ring], rcond=None)[0]
+        region_y, region_x = np.nonzero(region)
+        sums.append(float((values[region] - (a + b * region_x + c * region_y)).sum()))
+    return np.array(sums)
+
+
+def crowded_scene(shared: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Label map and phase (domes on a tilted, offset, noisy background): discs alone in their boxes,
+    a touching pair, one cut by the border; ``shared`` adds an object of class 2 and ignored pixels
+    beside the discs of class 1."""
+    labels = np.zeros((160, 200), np.uint8)
+    phase = np.zeros(labels.shape)
+    for x, y, r in ((30, 30, 12), (150, 40, 10), (60, 110, 12), (86, 110, 12), (196, 140, 9)):
+        cv2.circle(labels, (x, y), r, 1, -1)
+        phase += dome(labels.shape, (x, y), r + 0.5, 1.5)
+    if shared:
+        cv2.circle(labels, (126, 30), 6, 2, -1)
+        phase += dome(labels.shape, (126, 30), 6.5, 0.8)
+        labels[140:143, 0:70] = IGNORE_VALUE
+    yy, xx = np.mgrid[0:160, 0:200]
+    phase += 0.3 + 0.004 * xx - 0.006 * yy + np.random.default_rng(1).normal(0.0, 0.05, labels.shape)
+    return labels, phase.astype(np.float32)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("margin_px, ring_px", [(4, 6), (3, 0), (0, 5)])
+def test_phase_sums_with_margin_and_ring_match_the_slow_reference(shared: bool, margin_px: int, ring_px: int):
+    labels, phase = crowded_scene(shared)
+    objects = ObjectMeasurer(min_area_px=10, margin_px=margin_px, ring_px=ring_px)(labels, phase)
+    assert len(objects) == (6 if shared else 5)
+    np.testing.assert_allclose(objects.integrated_phase_rad_px,
+                               reference_phase_sums(labels, phase, objects, margin_px, ring_px), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("uncovered", [200, 11])
+def test_the_ring_of_an_object_alone_in_its_box_is_the_box_less_its_grown_mask(uncovered: int):
+    rng = np.random.default_rng(uncovered)
+    grown = np.ones((30, 40), np.uint8)
+    grown.ravel()[rng.choice(grown.size, uncovered, replace=False)] = 0  # fewer than 12 left: no plane
+    phase = (rng.normal(0.2, 0.1, grown.shape) + 0.01 * np.arange(40)).astype(np.float32)
+    np.testing.assert_allclose(alone_background_corrected_sum(phase, grown),
+                               background_corrected_sum(phase, grown, 1 - grown), rtol=1e-9)
+
+
+def test_a_negative_phase_sign_measures_as_the_negated_phase():
+    labels = random_label_map(5)
+    yy, xx = np.mgrid[0:256, 0:256]
+    phase = np.angle(np.exp(-1j * (4.0 * np.sin(xx / 20.0) ** 2 + 0.01 * yy))).astype(np.float32)  # wraps in places
+    measurer = ObjectMeasurer(min_area_px=5, unwrap=True, split=True, margin_px=3, ring_px=4)
+    flipped, negated = measurer(labels, phase, phase_sign=-1), measurer(labels, np.negative(phase))
+    for name in ("component_id", "area_px", "centroid_xy", "bbox", *PHASE_FIELDS):
+        np.testing.assert_array_equal(getattr(flipped, name), getattr(negated, name), err_msg=name)
+    with pytest.raises(ObjectsError, match="phase_sign must be 1 or -1"):
+        measurer(labels, phase, phase_sign=0)
+
+
 def test_margin_and_ring_must_not_be_negative():
     with pytest.raises(ObjectsError, match="margin_px and ring_px"):
         ObjectMeasurer(margin_px=-1)
@@ -285,5 +370,15 @@ def test_contact_seams_split_touching_objects_that_shape_alone_would_not() -> No
     assert xs[0] == pytest.approx(36, abs=3) and xs[1] == pytest.approx(56, abs=3)
     assert int(found.area_px.sum()) == int((labels == 1).sum())
     assert len(measurer(labels, contacts=np.zeros(labels.shape, bool))) == 2  # no seam: as before
+    blob = np.zeros(labels.shape, bool)  # what a model often draws: a blob in the overlap, not a cut
+    blob[27:38, 43:50] = True
+    parts = measurer(labels, contacts=blob)
+    assert len(parts) == 3 and sorted(parts.centroid_xy[parts.area_px > 200, 0]) == [
+        pytest.approx(36, abs=3), pytest.approx(56, abs=3)]
+    single = np.zeros(labels.shape, np.uint8)
+    cv2.ellipse(single, (48, 32), (30, 8), 0, 0, 360, 1, -1)  # one long object with a seam at its end
+    end = np.zeros(labels.shape, bool)
+    end[28:37, 74:79] = True
+    assert len(measurer(single, contacts=end & (single == 1))) == 1
     with pytest.raises(ObjectsError, match="contact seams"):
         measurer(labels, contacts=seams[:10])

@@ -225,6 +225,30 @@ def test_overlap_areas_count_shared_pixels():
     assert overlaps.tolist() == expected and overlaps.sum() > 0
 
 
+def test_overlaps_asked_object_by_object_agree_with_the_full_matrix():
+    """The tracker counts overlaps only for the objects of new and vanished tracks; what it counts is
+    the full matrix's, read by column (a current object) or by row (a previous one), split pieces too."""
+    from app.pipeline.tracking import _Overlaps
+
+    rng = np.random.default_rng(8)
+    discs = {str(k): (float(x), float(y), float(r)) for k, (x, y, r) in
+             enumerate(zip(rng.uniform(0, SIZE, 10), rng.uniform(0, 200, 10), rng.uniform(4, 16, 10), strict=True))}
+    labels = np.zeros((SIZE, SIZE), np.uint8)
+    for x, y, r in [*discs.values(), (60.0, 232.0, 13.0), (84.0, 232.0, 13.0)]:  # the last two touch
+        cv2.circle(labels, (round(x), round(y)), round(r), 1, -1)
+    before = ObjectMeasurer(min_area_px=5, split=True)(labels)
+    after = objects_of({k: (x + rng.normal(0, 6), y + rng.normal(0, 6), r) for k, (x, y, r) in
+                        [*discs.items(), ("pair", (72.0, 232.0, 20.0))]})
+    shared = overlap_areas(before, after)
+    linked = (shared > 0) & (shared >= 0.2 * np.minimum(before.area_px[:, None], after.area_px[None, :]))
+    assert linked.any() and len(before) > cv2.connectedComponents(labels)[0] - 1  # the pair was split
+    lazy = _Overlaps(before, after, 0.2)
+    for i in rng.permutation(len(before)).tolist():
+        assert lazy.row(i).tolist() == linked[i].tolist()
+    for j in range(len(after)):
+        assert lazy.column(j).tolist() == linked[:, j].tolist()
+
+
 def test_empty_frames_are_fine():
     tracker = Tracker(max_gap_frames=1)
     tracker.update(objects_of({"a": (50.0, 50.0, 8.0)}), 0)
