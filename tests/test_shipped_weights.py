@@ -27,7 +27,7 @@ def shipped():
     model, meta = load_checkpoint(WEIGHTS)
     settings = settings_from(Config().preprocess, meta.in_channels, meta.normalization,
                              meta.train_config.get("preprocess"))
-    return Evaluator(TorchBackend(model, device="cpu", trace=False), settings, meta.num_classes), settings
+    return Evaluator(TorchBackend(model, device="cpu", trace=False), settings, meta.num_labels, meta.contact_class), settings
 
 
 def miou(evaluator, **synth) -> float:
