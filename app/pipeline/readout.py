@@ -5,11 +5,9 @@ ids and the sinks (``--objects``, ``--tracks``, ``--events``, ``--plots``) write
 The phase comes from the hologram stage (:attr:`app.pipeline.frames.Frame.phase`: wrapped, H×W
 float32 rad, background ≈ 0). Its sign depends on the microscope's geometry, but a cell always delays
 the light (its refractive index is above the medium's), so unless ``optics.phase_sign`` fixes it,
-the sign is chosen once per run from the first frame with objects whose phase is not wrapped: the
-one that makes their summed phase positive (:func:`phase_sign_of`). A wrapped object (a bead of high
-index, a thick cell) is unwrapped inside its box (:func:`app.pipeline.objects.unwrap_in_box`), but
-its sum may then take either sign, so it does not decide: until an object that is not wrapped shows
-up, the sign of the first objects' sum is used, provisionally.
+the sign is chosen once per run from the first frame with objects: the one that makes their summed
+phase positive (:func:`phase_sign_of`). Objects whose phase nears ±π are unwrapped inside their box
+(:func:`app.pipeline.objects.unwrap_in_box`).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import numpy as np
 
 from app.config import ObjectsConfig, OpticsConfig
 from app.pipeline.frames import Frame
-from app.pipeline.objects import WRAP_RISK_RAD, FrameObjects, ObjectMeasurer
+from app.pipeline.objects import FrameObjects, ObjectMeasurer
 from app.pipeline.tracking import FrameTracks, Tracker, TrackSummary
 
 
@@ -47,21 +45,13 @@ class FrameReadout:
         return self.time_s - (self.frame - frame) / rate
 
 
-def phase_sign_of(objects: FrameObjects, phase: np.ndarray | None = None) -> float | None:
+def phase_sign_of(objects: FrameObjects) -> float:
     """+1 or -1: the sign that makes the objects' summed (unwrapped) phase positive. The sum, not the
     pixels: a defocused object's phase rings change sign locally, but its phase integral is kept.
-    With the frame's wrapped ``phase``, only the objects whose phase stays below
-    :data:`~app.pipeline.objects.WRAP_RISK_RAD` count (None when there are none): on held-out sequence
-    4101 the first object was a bead whose phase wraps several times, and its unwrapped sum had the
-    wrong sign."""
-    integrated = objects.integrated_phase_rad_px
-    if phase is not None:
-        flat = np.array([float(np.abs(phase[box][inside]).max(initial=0.0)) < WRAP_RISK_RAD
-                         for box, inside in (objects.box_mask(k) for k in range(len(objects)))], bool)
-        if not flat.any():
-            return None
-        integrated = integrated[flat]
-    return 1.0 if float(np.sum(integrated)) >= 0 else -1.0
+    (Leaving out objects whose wrapped phase nears ±π was tried: a bead of nearly 2π looks like a
+    small phase of the other sign, so it still decided wrongly on held-out 4101, and defocused 4100,
+    right with the plain sum, went wrong.)"""
+    return 1.0 if float(np.sum(objects.integrated_phase_rad_px)) >= 0 else -1.0
 
 
 SUSPECT_NEGATIVE_FRACTION = 0.5
@@ -89,7 +79,6 @@ class ReadOut:
                                confirm_frames=settings.division_confirm_frames,
                                max_daughter_area_ratio=settings.max_daughter_area_ratio)
         self.phase_sign: float | None = float(optics.phase_sign) if optics.phase_sign else None
-        self._provisional_sign: float | None = None  # from wrapped objects, until one that is not shows up
         self.masses_measured = 0  # objects measured with phase so far, and those of negative dry mass
         self.masses_negative = 0
         self._t0: float | None = None
@@ -107,19 +96,11 @@ class ReadOut:
         if phase is None:
             return self.measurer(labels, contacts=contacts)
         if self.phase_sign is None:
-            provisional = self._provisional_sign or 1.0
-            objects = self.measurer(labels, phase, contacts=contacts, phase_sign=provisional)
+            objects = self.measurer(labels, phase, contacts=contacts)
             if not len(objects):
                 return objects
-            relative = phase_sign_of(objects, phase)  # relative to the sign they were measured with
-            if relative is None:  # wrapped objects only: their sum, until a flat one decides
-                if self._provisional_sign is None:
-                    self._provisional_sign = provisional * (phase_sign_of(objects) or 1.0)
-                    if self._provisional_sign != provisional:
-                        return self.measurer(labels, phase, contacts=contacts, phase_sign=self._provisional_sign)
-                return objects
-            self.phase_sign = provisional * relative
-            if self.phase_sign == provisional:
+            self.phase_sign = phase_sign_of(objects)
+            if self.phase_sign > 0:
                 return objects
         # The sign goes to the measurer, which applies it box by box: no negated copy of the frame.
         return self.measurer(labels, phase, contacts=contacts, phase_sign=self.phase_sign)

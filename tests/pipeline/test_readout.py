@@ -281,29 +281,3 @@ def test_seams_of_a_contact_model_reach_the_readout_through_the_stages():
     assert len(readout(segmented.frame, segmented.labels).objects) == 2
     plain = ReadOut(OPTICS, ObjectsConfig(), classes=[1], fps=10.0)
     assert len(plain(frame, segmented.labels).objects) == 1
-
-
-def test_wrapped_objects_do_not_decide_the_phase_sign():
-    """A bead whose phase wraps (here a flat −2.8 rad, beyond WRAP_RISK_RAD) can sum to either sign
-    once unwrapped; the objects whose phase stays small decide. A run whose first frame holds only the
-    bead uses its sign provisionally and settles on the flat objects' once they show up."""
-    from app.pipeline.objects import ObjectMeasurer
-    from app.pipeline.readout import phase_sign_of
-
-    labels = np.zeros((96, 96), np.uint8)
-    cv2.circle(labels, (25, 25), 14, 1, cv2.FILLED)  # the bead
-    cv2.circle(labels, (70, 70), 8, 1, cv2.FILLED)  # a cell
-    phase = np.zeros(labels.shape, np.float32)
-    phase[:48, :48][labels[:48, :48] == 1] = -2.8
-    phase[48:, 48:][labels[48:, 48:] == 1] = 1.0
-    objects = ObjectMeasurer(OPTICS)(labels, phase)
-    assert phase_sign_of(objects) == -1.0  # the bead's larger sum wins without the phase image
-    assert phase_sign_of(objects, phase) == 1.0
-    bead_only = np.where(np.arange(96)[None, :] < 48, labels, 0).astype(np.uint8)
-    assert phase_sign_of(ObjectMeasurer(OPTICS)(bead_only, phase), phase) is None
-
-    readout = ReadOut(OPTICS, ObjectsConfig(), classes=[1], fps=10.0)
-    first = readout(Frame(0, 0.0, np.zeros(labels.shape, np.uint8), INFO, phase=phase), bead_only)
-    assert readout.phase_sign is None and first.objects.dry_mass_pg[0] > 0  # provisional: the bead's sum
-    readout(Frame(1, 0.1, np.zeros(labels.shape, np.uint8), INFO, phase=phase), labels)
-    assert readout.phase_sign == 1.0
