@@ -291,6 +291,7 @@ class ObjectsConfig:
     background_ring_px: int = 6
     division_confirm_frames: int = 3
     max_daughter_area_ratio: float = 2.0
+    max_hidden_frames: int = 60
 
     def __post_init__(self) -> None:
         _at_least("objects.min_area_px", self.min_area_px, 1)
@@ -300,6 +301,7 @@ class ObjectsConfig:
         _at_least("objects.max_daughter_area_ratio", self.max_daughter_area_ratio, 1)
         _positive("objects.max_link_distance_px", self.max_link_distance_px)
         _at_least("objects.max_gap_frames", self.max_gap_frames, 0)
+        _at_least("objects.max_hidden_frames", self.max_hidden_frames, self.max_gap_frames, "at least max_gap_frames")
         _at_least("objects.trail_frames", self.trail_frames, 0, "0 = no trails")
 
 

@@ -132,7 +132,8 @@ def tracking_on_true_masks(synth: Any, objects: Any, match_px: float) -> dict[st
     sequence = make_sequence(synth)
     measurer = ObjectMeasurer(min_area_px=objects.min_area_px)
     tracker = Tracker(objects.max_link_distance_px, objects.max_gap_frames, confirm_frames=objects.division_confirm_frames,
-                      max_daughter_area_ratio=objects.max_daughter_area_ratio)
+                      max_daughter_area_ratio=objects.max_daughter_area_ratio,
+                      max_hidden_frames=objects.max_hidden_frames)
     truth, found, divides = [], [], []
     for index in range(len(sequence)):
         frame = sequence.frame(index)

@@ -77,7 +77,8 @@ class ReadOut:
                                        margin_px=settings.mass_margin_px, ring_px=settings.background_ring_px)
         self.tracker = Tracker(settings.max_link_distance_px, settings.max_gap_frames,
                                confirm_frames=settings.division_confirm_frames,
-                               max_daughter_area_ratio=settings.max_daughter_area_ratio)
+                               max_daughter_area_ratio=settings.max_daughter_area_ratio,
+                               max_hidden_frames=settings.max_hidden_frames)
         self.phase_sign: float | None = float(optics.phase_sign) if optics.phase_sign else None
         self.masses_measured = 0  # objects measured with phase so far, and those of negative dry mass
         self.masses_negative = 0

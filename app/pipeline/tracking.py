@@ -228,13 +228,16 @@ class Tracker:
     ``overlap_events``: False skips step 2 (linking only: no divide or merge events); ``confirm_frames``:
     observations a daughter needs before its division is reported; ``max_daughter_area_ratio``: the
     larger daughter may be at most this many times the smaller (cells divide in two near-equal halves;
-    budding yeast needs more).
+    budding yeast needs more); ``max_hidden_frames``: how long a track absorbed by another (two cells
+    the model draws as one) stays open, hidden, at the position of the track that holds it, so that
+    when the pair comes apart it takes the object that comes out of it instead of that object being
+    reported as a new daughter of a division; past it the track ends with a ``merge``.
     One instance per stream, from one thread.
     """
 
     def __init__(self, max_link_distance_px: float = 20.0, max_gap_frames: int = 2, area_weight: float = 0.1,
                  gap_cost: float = 0.1, min_overlap_fraction: float = 0.2, overlap_events: bool = True,
-                 confirm_frames: int = 3, max_daughter_area_ratio: float = 2.0) -> None:
+                 confirm_frames: int = 3, max_daughter_area_ratio: float = 2.0, max_hidden_frames: int | None = None) -> None:
         if not max_link_distance_px > 0:
             raise TrackingError(f"max_link_distance_px must be > 0, got {max_link_distance_px}")
         if max_gap_frames < 0:
@@ -255,6 +258,10 @@ class Tracker:
         if not max_daughter_area_ratio >= 1:
             raise TrackingError(f"max_daughter_area_ratio must be >= 1, got {max_daughter_area_ratio}")
         self.max_daughter_area_ratio = float(max_daughter_area_ratio)
+        self.max_hidden_frames = self.max_gap_frames if max_hidden_frames is None else int(max_hidden_frames)
+        if self.max_hidden_frames < self.max_gap_frames:
+            raise TrackingError(f"max_hidden_frames must be >= max_gap_frames ({self.max_gap_frames}), "
+                                f"got {max_hidden_frames}")
         self._daughters: dict[int, tuple[int, int]] = {}  # candidate daughter -> (parent, frame it appeared)
         self._absorbed: dict[int, tuple[int, int]] = {}  # unseen track -> (track it went into, frame)
         self._open: dict[int, _Track] = {}  # alive tracks, seen or within their gap
@@ -321,7 +328,9 @@ class Tracker:
                 events.append(TrackEvent(ENTER, born, (), (daughter,)))
                 del self._daughters[daughter]
         for track in list(self._open.values()):
-            if frame - track.last_frame <= self.max_gap_frames:
+            unseen = frame - track.last_frame
+            if unseen <= self.max_gap_frames or (unseen <= self.max_hidden_frames and track.track_id in self._absorbed
+                                                 and self._absorbed[track.track_id][0] in self._open):
                 continue
             into, when = self._absorbed.pop(track.track_id, (None, frame))
             if into is not None and into in self._open:
@@ -338,9 +347,12 @@ class Tracker:
         tracks = list(self._open.values())
         if not len(free) or not tracks:
             return
-        track_xy = np.array([t.xy for t in tracks])
+        # Past its gap, a hidden track is looked for where the track that holds it is, at a gap's cost.
+        holder = {t.track_id: self._open[into] for t in tracks if frame - t.last_frame > self.max_gap_frames
+                  and (into := self._absorbed.get(t.track_id, (None, 0))[0]) in self._open}
+        track_xy = np.array([holder[t.track_id].xy if t.track_id in holder else t.xy for t in tracks])
         track_area = np.array([t.area for t in tracks])
-        missed = np.array([frame - t.last_frame - 1 for t in tracks], np.float64)
+        missed = np.array([min(frame - t.last_frame - 1, self.max_gap_frames) for t in tracks], np.float64)
         free_xy = objects.centroid_xy[free]
         distance = np.hypot(track_xy[:, 0, None] - free_xy[None, :, 0], track_xy[:, 1, None] - free_xy[None, :, 1])
         area_change = np.abs(np.log(objects.area_px[free][None, :] / track_area[:, None]))

@@ -330,3 +330,36 @@ def test_on_the_generators_true_masks_every_cell_keeps_its_id_and_the_division_i
     divides = [e for e in events if e.kind == DIVIDE]
     assert len(divides) == 1 and divides[0].ended[0] in parent_track
     assert abs(divides[0].frame - division.frame) <= 3
+
+
+def _pair_drawn_as_one_for(frames_together: int) -> list[dict[str, tuple[float, float, float]]]:
+    """Two cells drift right side by side, are drawn as one object for a while (longer than a gap),
+    then come apart at different heights."""
+    frames = []
+    for t in range(6 + frames_together + 8):
+        x = 60.0 + 2.0 * t
+        if 6 <= t < 6 + frames_together:
+            frames.append({"pair": (x, 100.0, 16.0)})
+        else:
+            frames.append({"upper": (x, 88.0, 9.0), "lower": (x, 112.0, 9.0)})
+    return frames
+
+
+def test_a_pair_drawn_as_one_for_longer_than_a_gap_keeps_its_ids_and_makes_no_division():
+    frames = _pair_drawn_as_one_for(20)
+    names, events = run(Tracker(max_gap_frames=3, max_hidden_frames=60), frames)
+    before, after = names[0], names[-1]
+    assert {before["upper"], before["lower"]} == {after["upper"], after["lower"]}
+    assert not [e for e in events if e.kind in (DIVIDE, MERGE)]
+    # Without the memory the hidden cell ends at its gap and the one that comes out is a daughter.
+    names, events = run(Tracker(max_gap_frames=3), frames)
+    assert {names[-1]["upper"], names[-1]["lower"]} != {names[0]["upper"], names[0]["lower"]}
+    assert [e for e in events if e.kind in (DIVIDE, MERGE)]
+
+
+def test_a_track_hidden_past_max_hidden_frames_ends_with_a_merge():
+    names, events = run(Tracker(max_gap_frames=3, max_hidden_frames=10), _pair_drawn_as_one_for(20))
+    merges = [e for e in events if e.kind == MERGE]
+    assert len(merges) == 1 and merges[0].frame == 6
+    with pytest.raises(TrackingError, match="max_hidden_frames"):
+        Tracker(max_gap_frames=3, max_hidden_frames=2)
