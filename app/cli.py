@@ -15,10 +15,10 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from app.config import Config, load_config
-from app.errors import EXIT_USAGE, UsageError, guarded_main
+from app.errors import EXIT_USAGE, UsageError, display_prog, guarded_main
 
 __all__ = ["Parser", "add_config_arguments", "add_device_arguments", "add_verbosity_arguments", "config_from_args",
            "guarded_main", "setup_logging"]
@@ -29,6 +29,11 @@ log = logging.getLogger("app")
 class Parser(argparse.ArgumentParser):
     """``argparse`` with the project's error path: a bad argument is one line on stderr,
     ``PROG: error: MESSAGE (see --help)``, and exit code 2 (argparse prints the whole usage first)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if isinstance(kwargs.get("prog"), str):
+            kwargs["prog"] = display_prog(kwargs["prog"])
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)

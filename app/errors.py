@@ -186,6 +186,26 @@ def deferred_interrupts(on_interrupt: Callable[[], None] = lambda: None,
             _signals.presses = []
 
 
+_INVOKED_AS: dict[str, str] = {}  # module name (app.replay) -> what the user typed (cellseg replay)
+
+
+@contextmanager
+def invoked_as(module: str, name: str) -> Iterator[None]:
+    """While it lasts, name ``module``'s command ``name`` in its error lines, usage and help
+    (``cellseg replay`` instead of ``app.replay`` when run through the ``cellseg`` dispatcher)."""
+    _INVOKED_AS[module] = name
+    try:
+        yield
+    finally:
+        _INVOKED_AS.pop(module, None)
+
+
+def display_prog(prog: str) -> str:
+    """What to call ``prog`` (a module name, or ``python -m MODULE``) in messages to the user."""
+    module = prog.removeprefix("python -m ")
+    return _INVOKED_AS.get(module, prog)
+
+
 def guarded_main(prog: str, body: Callable[[], int]) -> int:
     """Run ``body`` (returns an exit code) and map every failure to one stderr line and an exit code.
 
@@ -197,6 +217,7 @@ def guarded_main(prog: str, body: Callable[[], int]) -> int:
     process right after its line. After an interrupted command, both signals stay ignored: what is left
     is the interpreter's exit, and a press there would kill the process instead of letting it exit 130.
     """
+    prog = display_prog(prog)
     _signals.prog, _signals.presses = prog, []
     main = threading.current_thread() is threading.main_thread()
     if main:  # signal handlers: main thread only

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from app.errors import EXIT_OK, EXIT_USAGE
+from app.errors import EXIT_OK, EXIT_USAGE, invoked_as
 
 PROG = "cellseg"
 
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: '{name}' is not available in this installation ({module_name} is missing)",
               file=sys.stderr)
         return EXIT_USAGE
-    return module.main(rest)
+    with invoked_as(module_name, f"{PROG} {name}"):
+        return module.main(rest)
 
 
 if __name__ == "__main__":

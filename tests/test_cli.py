@@ -309,7 +309,11 @@ def test_cellseg_runs_the_command_with_the_rest_of_the_arguments(capsys, tmp_pat
     assert main(["synth", "--out", str(tmp_path / "seq"), "--frames", "1", "--size", "32", "-q"]) == EXIT_OK
     assert (tmp_path / "seq" / "meta.json").is_file()
     assert main(["info", "/no/such.pt"]) == EXIT_USAGE
-    assert capsys.readouterr().err.strip().startswith("app.info: error: ")
+    assert capsys.readouterr().err.strip().startswith("cellseg info: error: ")  # named as typed
+    with pytest.raises(SystemExit) as exited:  # argparse's errors exit from the parser
+        main(["replay", "seq", "--frobnicate"])
+    assert exited.value.code == EXIT_USAGE
+    assert capsys.readouterr().err.strip().startswith("cellseg replay: error: unrecognized arguments")
 
 
 def test_cellseg_unknown_or_missing_command_is_one_line_and_exit_2(capsys, monkeypatch):
