@@ -241,6 +241,32 @@ def _phase_basins(inside: np.ndarray, phase: np.ndarray) -> tuple[np.ndarray | N
     return markers, count - 1
 
 
+def _keep_pieces(region: np.ndarray, inside: np.ndarray, owner: np.ndarray, cores: int, component: int,
+                 box: tuple[int, int, int, int], count: int, pieces: list[tuple[int, int, int, int, int]],
+                 min_area_px: int) -> int:
+    """Write a split into ``region`` (the component's box of the label image): the pixels of
+    ``inside`` owned by core k (``owner`` == k, 1..``cores``) form piece k; the first piece of
+    ``min_area_px`` or more keeps ``component``'s id, the others get ``count``, ``count + 1``, ...
+    Appends ``(id, x, y, w, h)`` per piece (the whole component when none is large enough) and
+    returns the new count."""
+    x, y, w, h = box
+    kept = 0
+    for core in range(1, cores + 1):
+        piece = ((owner == core) & (inside > 0)).view(np.uint8)
+        if cv2.countNonZero(piece) < min_area_px:
+            continue
+        new_id = component if not kept else count
+        if kept:
+            region[piece > 0] = count
+            count += 1
+        kept += 1
+        px, py, pw, ph = cv2.boundingRect(piece)
+        pieces.append((new_id, x + px, y + py, pw, ph))
+    if not kept:
+        pieces.append((component, x, y, w, h))
+    return count
+
+
 def _split_touching(labels: np.ndarray, component: int, contour: np.ndarray, contour_area: float,
                     box: tuple[int, int, int, int], count: int, pieces: list[tuple[int, int, int, int, int]],
                     min_area_px: int, phase: np.ndarray | None = None) -> int | None:
@@ -261,21 +287,7 @@ def _split_touching(labels: np.ndarray, component: int, contour: np.ndarray, con
     owner, cores = _nearest_cores(inside) if phase is None else _phase_basins(inside, phase)
     if owner is None:
         return None
-    kept = 0
-    for core in range(1, cores + 1):
-        piece = ((owner == core) & (inside > 0)).view(np.uint8)
-        if cv2.countNonZero(piece) < min_area_px:
-            continue
-        new_id = component if not kept else count
-        if kept:
-            region[piece > 0] = count
-            count += 1
-        kept += 1
-        px, py, pw, ph = cv2.boundingRect(piece)
-        pieces.append((new_id, x + px, y + py, pw, ph))
-    if not kept:
-        pieces.append((component, x, y, w, h))
-    return count
+    return _keep_pieces(region, inside, owner, cores, component, box, count, pieces, min_area_px)
 
 
 SEAM_PEAK_PX = 2.0
@@ -317,21 +329,7 @@ def _split_at_contacts(labels: np.ndarray, component: int, box: tuple[int, int, 
     owner = np.zeros(int(nearest.max()) + 1, np.int32)
     owner[nearest[markers > 0]] = markers[markers > 0]
     markers = owner[nearest]
-    kept = 0
-    for core in range(1, marker_count):
-        piece = ((markers == core) & (inside > 0)).view(np.uint8)
-        if cv2.countNonZero(piece) < min_area_px:
-            continue
-        new_id = component if not kept else count
-        if kept:
-            region[piece > 0] = count
-            count += 1
-        kept += 1
-        px, py, pw, ph = cv2.boundingRect(piece)
-        pieces.append((new_id, x + px, y + py, pw, ph))
-    if not kept:
-        pieces.append((component, x, y, w, h))
-    return count
+    return _keep_pieces(region, inside, markers, marker_count - 1, component, box, count, pieces, min_area_px)
 
 
 def masked_sum(values: np.ndarray, mask: np.ndarray, count: float) -> float:
