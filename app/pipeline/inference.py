@@ -9,7 +9,7 @@ first, so a batch never delays a frame by more than that). :class:`InferenceWork
 frames of equal shape into one backend call, and resizes each label map (nearest neighbour) back to its
 frame's size when preprocessing resized it.
 
-A model whose last class is named :data:`CONTACT_CLASS` draws the seams between touching objects as
+A model whose last class is named :data:`models.checkpoint.CONTACT_CLASS` (``contact``) draws the seams between touching objects as
 that class (trained on the generator's instance maps, ``train.contact_px``). The worker hands on label
 maps without it: contact pixels are given to the first object class (class 1), so masks, overlays
 and statistics see objects as a two-class model draws them, and :meth:`InferenceWorker.predict_with_contacts`
@@ -23,8 +23,6 @@ from typing import Protocol
 
 import cv2
 import numpy as np
-
-from models.checkpoint import CONTACT_CLASS  # noqa: F401  (re-exported: the pipeline's name for it)
 
 
 def split_contacts(labels: np.ndarray, contact_class: int | None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -27,7 +27,6 @@ from app.errors import AppError, first_line
 from app.files import atomic_open
 from app.pipeline.backends.torch_backend import resolve_torch_device
 from app.pipeline.hologram import NUM_CHANNELS
-from app.pipeline.inference import CONTACT_CLASS
 from app.pipeline.preprocess import PreprocessSettings, recipe
 from app.training.datasets import (
     Augmentation,
@@ -42,7 +41,7 @@ from app.training.losses import build_loss, cascade_weights
 from app.training.metrics import ConfusionMatrix, json_safe
 from models import build_model, list_models, model_options, save_checkpoint
 from models.backbones import load_backbone_weights
-from models.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from models.checkpoint import CONTACT_CLASS, CheckpointError, atomic_save, load_checkpoint
 from models.losses import MultiOutputLoss
 
 STATE_FORMAT = "cellseg-train-state"
